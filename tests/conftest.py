@@ -1,0 +1,52 @@
+"""Shared fixtures: small synthetic data made once per session, and a private data cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from baselines.train import PretrainConfig
+from protocols.datasets import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Generated datasets go to a per-session cache, never the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("DENSECL_BENCH_CACHE")
+    os.environ["DENSECL_BENCH_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DENSECL_BENCH_CACHE", None)
+    else:
+        os.environ["DENSECL_BENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory) -> Path:
+    """A 48-image synthetic VOC2007-layout dataset."""
+    return synthetic.generate(tmp_path_factory.mktemp("voc") / "VOC2007", images=48, size=64, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def pretrain_images(voc_root) -> Path:
+    return voc_root / "JPEGImages"
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> PretrainConfig:
+    """resnet18 at 32 px, 4 iterations of 8 images per epoch: seconds per run on 2 cores."""
+    values = dict(
+        method="densecl", arch="resnet18", data=str(data), out=str(out), image_size=32, epochs=2,
+        batch_size=8, lr=0.03, queue_size=32, workers=0, seed=0, device="cpu", save_every=1, log_every=2,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)

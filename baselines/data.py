@@ -1,0 +1,138 @@
+"""Unlabelled pretraining images: discovery, decoding, per-sample seeding and a resumable sampler.
+
+Sources: a folder read recursively (as COCO train2017 is used, spec §1.1), which also covers
+ImageNet-style `train/<class>/*` folders, or a list file of `<path> [label]` lines (OpenSelfSup's
+`meta/train.txt`), paths relative to a root. Each sample's augmentation is seeded from
+(seed, epoch, index), so the views do not depend on the number of workers and a run resumed
+mid-epoch sees exactly the images and views it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadImageError(RuntimeError):
+    """An image that cannot be decoded; the message names the file."""
+
+
+def find_images(data: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
+    """All image paths of a folder (recursive, sorted) or of a list file (in file order)."""
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"pretraining data not found: {data}")
+    if data.is_file():
+        base = Path(root) if root else data.parent
+        files = []
+        for line in data.read_text().splitlines():
+            if line.strip():
+                rel = line.split()[0]
+                files.append(str(base / rel))
+        where = f"list file {data}"
+    else:
+        files = sorted(
+            str(Path(dirpath) / name)
+            for dirpath, _, names in os.walk(data, followlinks=True)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        where = f"folder {data} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+    if not files:
+        raise ValueError(f"no images in {where}")
+    return files
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot read image {path}: {err}") from err
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PretrainImages(Dataset):
+    """Map-style dataset indexed by (epoch, index) keys; returns (view_q, view_k, bad_index).
+
+    `bad_index` is -1, or the index of an unreadable image that `skip_bad_images` replaced by the
+    next readable one (so every batch keeps its size and the queue arithmetic holds).
+    """
+
+    def __init__(self, files: list[str], transform, seed: int = 0, skip_bad_images: bool = False) -> None:
+        self.files = files
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        bad = -1
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            try:
+                img = load_rgb(self.files[i])
+                break
+            except BadImageError:
+                if not self.skip_bad_images:
+                    raise
+                bad = i if bad < 0 else bad
+        else:
+            raise BadImageError(f"no readable image among the {len(self.files)} files")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            view_q, view_k = self.transform(img)
+        return view_q, view_k, bad
+
+
+class PretrainSampler(Sampler):
+    """Yields this process's (epoch, index) keys for one epoch, from `start_iteration` on.
+
+    The epoch's permutation depends only on (seed, epoch). Global batch t is the slice
+    [t*B, (t+1)*B) of it, and process r takes the r-th per-process share, so the global batches are
+    the same whatever the number of processes. The tail that does not fill a batch is dropped.
+    """
+
+    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if num_images < global_batch:
+            raise ValueError(f"{num_images} images cannot fill one global batch of {global_batch}")
+        self.num_images = num_images
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.start_iteration = 0
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return self.num_images // self.global_batch
+
+    def set_epoch(self, epoch: int, start_iteration: int = 0) -> None:
+        self.epoch = epoch
+        self.start_iteration = start_iteration
+
+    def __len__(self) -> int:
+        return (self.iterations_per_epoch - self.start_iteration) * self.local_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.num_images, generator=generator).tolist()
+        for t in range(self.start_iteration, self.iterations_per_epoch):
+            start = t * self.global_batch + self.rank * self.local_batch
+            for index in perm[start : start + self.local_batch]:
+                yield self.epoch, index

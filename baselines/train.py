@@ -1,0 +1,549 @@
+"""Pretraining loop for MoCo-v2 and DenseCL: one process or torchrun DDP, resumable to the bit.
+
+The recipe is the official one (spec pretraining.md §3): SGD momentum 0.9, weight decay 1e-4 on
+every parameter, cosine learning rate set once per epoch, no warm-up. Around it: atomic
+checkpoints (every N epochs, optionally every N iterations, on SIGINT/SIGTERM and at the end) that
+hold the optimizer, queues, RNG states and position, so `--resume auto` continues exactly where a
+run stopped; a JSONL log per window of iterations; a stop with a clear message on a non-finite
+loss, leaving the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from baselines import config as configs
+from baselines.augment import TwoViews, mocov2_augmentation
+from baselines.backbone import CONV_INITS, create_backbone
+from baselines.config import option
+from baselines.data import PretrainImages, PretrainSampler, find_images
+from baselines.densecl import DenseCL
+from baselines.moco import MoCoV2
+
+CHECKPOINT_FORMAT = "densecl-bench/pretrain"
+METHODS = ("mocov2", "densecl")
+
+
+@dataclass
+class PretrainConfig:
+    """Defaults are the official DenseCL ImageNet-200ep recipe (spec §3); presets hold the others."""
+
+    method: str = option("densecl", "pretraining method", choices=METHODS)
+    arch: str = option("resnet50", "timm CNN with five reductions (resnet18, resnet50, ...)")
+    data: str = option("", "image folder (read recursively) or list file of '<path> [label]' lines")
+    data_root: str = option("", "root of the relative paths in a list file (default: its folder)")
+    out: str = option("", "output folder: checkpoints/, log.jsonl, config.yaml, backbone.pth")
+    image_size: int = option(224, "crop size of both views")
+    epochs: int = option(200, "training epochs")
+    batch_size: int = option(256, "global batch over all processes (official: 8 GPUs x 32)")
+    lr: float = option(0.03, "base learning rate (official: 0.03 ImageNet, 0.3 COCO, for batch 256)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "weight decay on every parameter, BN and biases included")
+    queue_size: int = option(65536, "K, negatives per queue; must be divisible by the batch size")
+    moco_momentum: float = option(0.999, "m of the key-encoder update, constant")
+    temperature: float = option(0.2, "tau of both InfoNCE losses")
+    dim: int = option(128, "projection dimension D")
+    hidden_dim: int = option(0, "hidden width of the heads (0: the backbone's channels, 2048 for resnet50)")
+    loss_lambda: float = option(0.5, "DenseCL: weight of the dense loss, total = (1-l)*global + l*dense")
+    lambda_warmup_iters: int = option(0, "DenseCL: lambda = 0 for the first N iterations (official hook, off)")
+    bn_group_size: int = option(0, "ghost BN: BN statistics per group of G images, keys shuffled across groups (0: off; 32 emulates 8x32 GPUs)")
+    conv_init: str = option("openselfsup", "backbone init: openselfsup (kaiming fan_in) or timm", choices=CONV_INITS)
+    workers: int = option(4, "data-loading worker processes per training process")
+    seed: int = option(0, "seeds python, numpy, torch, and every sample's augmentation")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = option("none", "autocast dtype: none or bf16 (losses stay float32)", choices=("none", "bf16"))
+    channels_last: bool = option(False, "channels_last memory format")
+    deterministic: bool = option(False, "deterministic cuDNN kernels (slower on GPU)")
+    save_every: int = option(10, "write a kept checkpoint every N epochs (and always at the end)")
+    save_every_iters: int = option(0, "also refresh checkpoints/last.pth every N iterations (0: off)")
+    log_every: int = option(10, "iterations per JSONL log record")
+    resume: str = option("", "'auto' (out/checkpoints/last.pth if present) or a checkpoint path")
+    skip_bad_images: bool = option(False, "replace unreadable images by the next readable one and count them")
+
+    def validate(self, world_size: int = 1) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.batch_size <= 0 or self.batch_size % world_size:
+            problems.append(f"batch_size {self.batch_size} must be a positive multiple of the {world_size} processes")
+        elif self.queue_size % self.batch_size:
+            problems.append(f"queue_size {self.queue_size} is not divisible by batch_size {self.batch_size} (spec §2.6)")
+        if self.bn_group_size and (self.batch_size // world_size) % self.bn_group_size:
+            problems.append(f"per-process batch {self.batch_size // world_size} does not split into ghost-BN groups of {self.bn_group_size}")
+        for name in ("epochs", "image_size", "dim", "queue_size", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.loss_lambda <= 1.0:
+            problems.append(f"loss_lambda must lie in [0, 1], got {self.loss_lambda}")
+        if not self.data:
+            problems.append("no pretraining data given (data)")
+        if not self.out:
+            problems.append("no output folder given (out)")
+        if problems:
+            raise configs.ConfigError("; ".join(problems))
+
+
+# Settings that may differ when a run is resumed; everything else must match the checkpoint.
+RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume", "skip_bad_images"}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(RuntimeError):
+    pass
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """lr_e = base * 0.5 * (1 + cos(pi * e / E)) for the whole (0-indexed) epoch e (spec §3)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def build_model(cfg: PretrainConfig) -> MoCoV2:
+    backbone = create_backbone(cfg.arch, conv_init=cfg.conv_init)
+    common = dict(
+        dim=cfg.dim, hidden_dim=cfg.hidden_dim or None, queue_size=cfg.queue_size,
+        momentum=cfg.moco_momentum, temperature=cfg.temperature, bn_group_size=cfg.bn_group_size,
+    )
+    if cfg.method == "mocov2":
+        return MoCoV2(backbone, **common)
+    return DenseCL(backbone, loss_lambda=cfg.loss_lambda, lambda_warmup_iters=cfg.lambda_warmup_iters, **common)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state, as tensors and plain lists so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Point `dst` at `src`'s content atomically (a hard link where the filesystem allows)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def run_metadata() -> dict:
+    import timm
+    import torchvision
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "python": sys.version.split()[0],
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "timm": str(timm.__version__),
+    }
+
+
+@dataclass
+class Position:
+    """Where training stands: `iteration` iterations of `epoch` are done."""
+
+    epoch: int = 0
+    iteration: int = 0
+    global_step: int = 0
+
+
+class Distributed:
+    """Process-group set-up from torchrun's environment (nccl on CUDA, gloo on CPU)."""
+
+    def __init__(self, device_name: str) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_name == "auto":
+            device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_name == "cuda" and self.world_size > 1:
+            device_name = f"cuda:{local_rank}"
+        self.device = torch.device(device_name)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to checkpoint after the current iteration and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_signals_in_worker(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Trainer:
+    """Holds the run's state; `run()` trains to the end or raises with the checkpoint intact."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.dist = Distributed(cfg.device)
+        cfg.validate(self.dist.world_size)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.log_path = self.out / "log.jsonl"
+        self.files = find_images(cfg.data, cfg.data_root or None)
+
+        seed_everything(cfg.seed)
+        if self.dist.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cudnn.deterministic = cfg.deterministic
+        self.model = build_model(cfg).to(self.dist.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.position = Position()
+        self.bad_images: set[int] = set()
+        self.resumed_from = self._resume()
+
+        self.dataset = PretrainImages(self.files, TwoViews(mocov2_augmentation(cfg.image_size)), cfg.seed, cfg.skip_bad_images)
+        self.sampler = PretrainSampler(len(self.files), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size // self.dist.world_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            pin_memory=self.dist.device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+            worker_init_fn=_ignore_signals_in_worker if cfg.workers > 0 else None,
+            # Its own generator: iterating must not draw from the global RNG that the key shuffle uses.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.net = self.model
+        if self.dist.world_size > 1:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            # No buffer sync in forward: per-GPU BN statistics, as OpenSelfSup's
+            # broadcast_buffers=False (spec §2.9); buffers are identical at init anyway.
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _resume(self) -> Path | None:
+        cfg = self.cfg
+        if not cfg.resume:
+            if (self.ckpt_dir / "last.pth").exists():
+                raise configs.ConfigError(
+                    f"{self.out} already holds a run; pass --resume auto to continue it or choose another --out"
+                )
+            return None
+        path = self.ckpt_dir / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+        if not path.exists():
+            if cfg.resume == "auto":
+                return None
+            raise FileNotFoundError(f"checkpoint to resume not found: {path}")
+        state = torch.load(path, map_location=self.dist.device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise configs.ConfigError(f"{path} is not a densecl-bench pretraining checkpoint")
+        saved = state["config"]
+        changed = [
+            f"{k}: {saved.get(k)!r} -> {v!r}"
+            for k, v in configs.to_dict(cfg).items()
+            if k not in RUNTIME_FIELDS and saved.get(k) != v
+        ]
+        if changed:
+            raise configs.ConfigError(
+                f"cannot resume {path} with different settings ({'; '.join(changed)}); "
+                "use the checkpoint's settings or start a new --out"
+            )
+        if state["num_images"] != len(self.files):
+            raise configs.ConfigError(
+                f"cannot resume {path}: it was trained on {state['num_images']} images, the data now has {len(self.files)}"
+            )
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position = Position(**state["position"])
+        self.bad_images = set(state.get("bad_images", []))
+        set_rng_state(state["rng"])
+        return path
+
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "method": self.cfg.method,
+            "arch": self.cfg.arch,
+            "config": configs.to_dict(self.cfg),
+            "num_images": len(self.files),
+            "position": dataclasses.asdict(self.position),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "bad_images": sorted(self._all_bad_images()),
+            "meta": run_metadata(),
+        }
+
+    def _all_bad_images(self) -> set[int]:
+        if self.dist.world_size == 1:
+            return self.bad_images
+        gathered = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, sorted(self.bad_images))
+        return set().union(*map(set, gathered))
+
+    def save(self, keep: bool) -> Path:
+        """Write last.pth (and, if `keep`, epoch_NNNN.pth); every rank calls this, rank 0 writes."""
+        self._check_ranks_agree()
+        state = self._state()
+        last = self.ckpt_dir / "last.pth"
+        if self.dist.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if keep:
+                kept = self.ckpt_dir / f"epoch_{self.position.epoch:04d}.pth"
+                atomic_save(state, kept)
+                link_or_copy(kept, last)
+            else:
+                atomic_save(state, last)
+        self.dist.barrier()
+        return last
+
+    def _check_ranks_agree(self) -> None:
+        """Query/key weights and queues must be identical on every rank; fail loudly if not."""
+        if self.dist.world_size == 1:
+            return
+        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers() if "queue" in n]
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        digest = torch.stack([tensors[n].detach().double().sum() for n in names]).to(self.dist.device)
+        gathered = [torch.empty_like(digest) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, digest)
+        for other in gathered[1:]:
+            if not torch.equal(other, gathered[0]):
+                bad = names[int((other != gathered[0]).nonzero()[0])]
+                raise RuntimeError(f"processes disagree on {bad} (weights or queues diverged across ranks)")
+
+    def export_backbone(self) -> Path:
+        """The query backbone alone, in the layout of the official `extract_backbone_weights.py`."""
+        path = self.out / "backbone.pth"
+        if self.dist.is_main:
+            state = {
+                "state_dict": self.model.backbone.state_dict(),
+                "author": "densecl-bench",
+                "meta": {"method": self.cfg.method, "arch": self.cfg.arch, "epochs": self.cfg.epochs, **run_metadata()},
+            }
+            atomic_save(state, path)
+        self.dist.barrier()
+        return path
+
+    # ----------------------------------------------------------------------------- logging
+    def _prepare_log(self) -> None:
+        """Keep log records up to the resumed step; later ones belong to lost, re-run work."""
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        configs.write_yaml(self.cfg, self.out / "config.yaml")
+        kept = []
+        if self.resumed_from is not None and self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.position.global_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.log_path)
+
+    def _write_log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------- loop
+    def run(self) -> Path:
+        cfg = self.cfg
+        self._prepare_log()
+        iters = self.sampler.iterations_per_epoch
+        if self.dist.is_main:
+            where = f"resuming {self.resumed_from} at epoch {self.position.epoch + 1}, iteration {self.position.iteration}" if self.resumed_from else "starting"
+            print(
+                f"[pretrain] {where}: {cfg.method} {cfg.arch}, {len(self.files)} images, {iters} it/epoch, "
+                f"{self.dist.world_size} process(es) on {self.dist.device}, out {self.out}",
+                file=sys.stderr,
+            )
+        with StopRequest() as stop:
+            while self.position.epoch < cfg.epochs:
+                self._train_epoch(stop)
+                self.position = Position(self.position.epoch + 1, 0, self.position.global_step)
+                if self.position.epoch % cfg.save_every == 0 or self.position.epoch == cfg.epochs:
+                    self.save(keep=True)
+        if self.bad_images and self.dist.is_main:
+            listing = self.out / "bad_images.txt"
+            listing.write_text("".join(self.files[i] + "\n" for i in sorted(self._all_bad_images())))
+            print(f"[pretrain] skipped {len(self.bad_images)} unreadable image(s), listed in {listing}", file=sys.stderr)
+        return self.export_backbone()
+
+    def _train_epoch(self, stop: StopRequest) -> None:
+        cfg, device = self.cfg, self.dist.device
+        epoch, start = self.position.epoch, self.position.iteration
+        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sampler.set_epoch(epoch, start)
+        self.model.train()
+        iters = self.sampler.iterations_per_epoch
+        bar = tqdm(
+            total=iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+            disable=not self.dist.is_main, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+        window: list[list[float]] = []
+        keys: list[str] = []
+        window_start = time.perf_counter()
+        amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        for iteration, (im_q, im_k, bad) in enumerate(self.loader, start=start):
+            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
+            im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
+            self.model.iteration = self.position.global_step
+            with amp:
+                outputs = self.net(im_q, im_k)
+            loss = outputs["loss"]
+            keys = sorted(outputs)
+            skipped = bad[bad >= 0]
+            self.bad_images.update(skipped.tolist())
+            flags = torch.tensor([float(stop.requested), float(len(skipped))], device=device)
+            values = self.dist.all_mean(torch.cat([torch.stack([outputs[k].detach().float() for k in keys]), flags])).cpu()
+            if not math.isfinite(values[keys.index("loss")]):
+                bar.close()
+                raise NonFiniteLossError(self._non_finite_message(float(values[keys.index("loss")]), iteration))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.position = Position(epoch, iteration + 1, self.position.global_step + 1)
+            window.append(values[: len(keys)].tolist())
+            bar.update(1)
+            bar.set_postfix(loss=f"{values[keys.index('loss')]:.3f}", lr=f"{lr:.3g}", refresh=False)
+            if self.position.global_step % cfg.log_every == 0 or iteration + 1 == iters:
+                elapsed = time.perf_counter() - window_start
+                means = np.mean(window, axis=0)
+                self._write_log(
+                    {"step": self.position.global_step, "epoch": epoch + 1, "iter": iteration + 1, "lr": lr,
+                     **{k: round(float(v), 6) for k, v in zip(keys, means)},
+                     "images_per_s": round(len(window) * cfg.batch_size / elapsed, 2),
+                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                )
+                window, window_start = [], time.perf_counter()
+            if values[-2] > 0:  # some rank was asked to stop: all stop at this same iteration
+                bar.close()
+                path = self.save(keep=False)
+                raise TrainingInterrupted(
+                    f"interrupted at epoch {epoch + 1}, iteration {iteration + 1}; state saved to {path}; "
+                    "continue with --resume auto"
+                )
+            if cfg.save_every_iters and self.position.global_step % cfg.save_every_iters == 0 and iteration + 1 < iters:
+                self.save(keep=False)
+        bar.close()
+
+    def _non_finite_message(self, value: float, iteration: int) -> str:
+        last = self.ckpt_dir / "last.pth"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        return (
+            f"non-finite loss ({value}) at epoch {self.position.epoch + 1}, iteration {iteration + 1} "
+            f"(step {self.position.global_step + 1}); {kept}. Lower the learning rate, or check the data"
+        )
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Train to the end (or resume) and return the path of the exported query backbone."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

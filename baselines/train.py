@@ -77,6 +77,7 @@ class PretrainConfig:
     log_every: int = option(10, "iterations per JSONL log record")
     resume: str = option("", "'auto' (out/checkpoints/last.pth if present) or a checkpoint path")
     skip_bad_images: bool = option(False, "replace unreadable images by the next readable one and count them")
+    progress: bool = option(True, "tqdm progress bar on the main process")
 
     def validate(self, world_size: int = 1) -> None:
         problems = []
@@ -104,7 +105,7 @@ class PretrainConfig:
 
 
 # Settings that may differ when a run is resumed; everything else must match the checkpoint.
-RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume", "skip_bad_images"}
+RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume", "skip_bad_images", "progress"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -452,7 +453,12 @@ class Trainer:
         self._prepare_log()
         iters = self.sampler.iterations_per_epoch
         if self.dist.is_main:
-            where = f"resuming {self.resumed_from} at epoch {self.position.epoch + 1}, iteration {self.position.iteration}" if self.resumed_from else "starting"
+            if not self.resumed_from:
+                where = "starting"
+            elif self.position.epoch >= cfg.epochs:
+                where = f"{self.resumed_from} already finished all {cfg.epochs} epochs; nothing to train"
+            else:
+                where = f"resuming {self.resumed_from} at epoch {self.position.epoch + 1}, iteration {self.position.iteration}"
             print(
                 f"[pretrain] {where}: {cfg.method} {cfg.arch}, {len(self.files)} images, {iters} it/epoch, "
                 f"{self.dist.world_size} process(es) on {self.dist.device}, out {self.out}",
@@ -481,7 +487,7 @@ class Trainer:
         iters = self.sampler.iterations_per_epoch
         bar = tqdm(
             total=iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-            disable=not self.dist.is_main, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
         window: list[list[float]] = []
         keys: list[str] = []

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from baselines import config as configs
+from replication.eval_commands import add_eval_commands
 
 # The embedded default pretraining data: a synthetic set disjoint from the evaluation one (seed 0).
 DEFAULT_PRETRAIN_DATA = dict(images=512, size=96, seed=1)
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="long side of each image, pixels")
     synth.add_argument("--seed", type=int, default=0, help="generator seed")
     synth.set_defaults(func=cmd_data_synth)
+
+    add_eval_commands(commands)
     return parser
 
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)
     except TrainingInterrupted as err:

@@ -1,0 +1,287 @@
+"""Weighted k-NN classification on frozen global-average-pooled features (spec protocols.md §3).
+
+The reference (InstDisc -> DINO -> MMSelfSup) votes with `exp(s/T)` in float32, which overflows
+for T below ~0.0113, and its top-5 depends on zero-vote padding classes (§3.3). Here the vote of
+each class is kept as a log-sum-exp in float64, so the ranking equals the reference wherever the
+reference is finite and stays exact where it overflows; top-5 only counts classes that received
+a vote, which is what the reference does at `num_classes=1000`.
+
+Memory: the bank is streamed through FAISS in row chunks (each chunk L2-normalised on the fly,
+searched with `faiss.knn`, the exhaustive inner-product search behind `IndexFlatIP`) and the
+partial top-k lists are merged in a `faiss.ResultHeap`. No full copy of the bank is ever made, so
+a 1.28M x 2048 float32 bank (10.5 GB) that lives on disk as the feature cache's memmap needs well
+under 1 GB of RAM besides the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from baselines.backbone import Backbone
+from protocols.datasets.classification import ClassificationSplit, LabeledImages, load_split
+from protocols.features import cached_features, center_crop_transform
+from protocols.result import ProtocolResult, checkpoint_info
+
+DEFAULT_KS = (10, 20, 100, 200)
+NORM_EPS = 1e-12  # F.normalize's eps (§3.1)
+
+
+def default_splits(data: str | os.PathLike) -> tuple[str, str]:
+    """(bank split, query split): ImageNet-style data has train/val, a VOC root trainval/test."""
+    if (Path(data) / "ImageSets" / "Main").is_dir():
+        return "trainval", "test"
+    return "train", "val"
+
+
+def l2_normalise(rows: np.ndarray) -> np.ndarray:
+    """`f / max(||f||, 1e-12)` as a new float32 array (the input, often a memmap, is left alone)."""
+    rows = np.array(rows, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows /= np.maximum(norms, NORM_EPS)
+    return rows
+
+
+def _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature) -> list[int]:
+    if not temperature > 0:
+        raise ValueError(f"k-NN temperature must be > 0, got {temperature}")
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError(f"features must be 2-d (rows, dims); got bank {train_features.shape}, "
+                         f"queries {test_features.shape}")
+    if len(train_features) == 0:
+        raise ValueError("the k-NN bank (train features) is empty")
+    if len(test_features) == 0:
+        raise ValueError("there are no k-NN queries (test features)")
+    if len(train_features) != len(train_labels):
+        raise ValueError(f"bank has {len(train_features)} rows but {len(train_labels)} labels")
+    if len(test_features) != len(test_labels):
+        raise ValueError(f"queries have {len(test_features)} rows but {len(test_labels)} labels")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"bank has {train_features.shape[1]}-d features but queries {test_features.shape[1]}-d")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k values must be positive integers, got {ks}")
+    if ks[-1] > len(train_features):
+        raise ValueError(f"k={ks[-1]} is larger than the bank ({len(train_features)} rows)")
+    return ks
+
+
+def nearest_neighbours(
+    train_features: np.ndarray,
+    test_features: np.ndarray,
+    k: int,
+    bank_chunk_rows: int = 32768,
+    query_chunk_rows: int = 65536,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and bank indices of the top-k neighbours, best first: (Q, k) each."""
+    n, q = len(train_features), len(test_features)
+    similarities = np.empty((q, k), dtype=np.float32)
+    indices = np.empty((q, k), dtype=np.int64)
+    bank_chunks = range(0, n, bank_chunk_rows)
+    bar = tqdm(total=len(bank_chunks) * len(range(0, q, query_chunk_rows)), desc="k-NN search", unit="chunk",
+               disable=not progress, dynamic_ncols=True)
+    for q0 in range(0, q, query_chunk_rows):
+        queries = l2_normalise(test_features[q0 : q0 + query_chunk_rows])
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        for b0 in bank_chunks:
+            bank = l2_normalise(train_features[b0 : b0 + bank_chunk_rows])
+            # Same kernel as IndexFlatIP.search, without copying the chunk into an index.
+            sims, ids = faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(sims, ids + b0)
+            del bank
+            bar.update()
+        heap.finalize()  # sorts each row best first
+        similarities[q0 : q0 + len(queries)] = heap.D
+        indices[q0 : q0 + len(queries)] = heap.I
+    bar.close()
+    return similarities, indices
+
+
+def class_log_votes(similarities: np.ndarray, neighbour_labels: np.ndarray, temperature: float,
+                    num_classes: int) -> np.ndarray:
+    """log score(c) = log sum_{j in N, y_j = c} exp(s_j / T), per query; -inf where c got no vote.
+
+    Each class's own largest s/T is factored out before exp (float64), so no term overflows and
+    the largest term of every voted class is exactly 1: a class with a neighbour always has a
+    finite, positive vote, as in exact arithmetic (§3.1 formula, §3.3 overflow quirk).
+    """
+    q, k = similarities.shape
+    logits = similarities.astype(np.float64) / temperature
+    rows = np.repeat(np.arange(q), k)
+    cols = neighbour_labels.reshape(-1)
+    class_max = np.full((q, num_classes), -np.inf)
+    np.maximum.at(class_max, (rows, cols), logits.reshape(-1))
+    weights = np.exp(logits.reshape(-1) - class_max[rows, cols])
+    sums = np.bincount(rows * num_classes + cols, weights=weights, minlength=q * num_classes).reshape(q, num_classes)
+    with np.errstate(divide="ignore"):
+        return class_max + np.log(sums)
+
+
+def label_ranks(log_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """0-based rank of each true label in its query's vote order; ties go to the lower class index."""
+    true = log_votes[np.arange(len(labels)), labels][:, None]
+    classes = np.arange(log_votes.shape[1])[None, :]
+    ahead = (log_votes > true) | ((log_votes == true) & (classes < labels[:, None]))
+    return ahead.sum(axis=1)
+
+
+def knn_classify(
+    train_features: np.ndarray,
+    train_labels: Sequence[int] | np.ndarray,
+    test_features: np.ndarray,
+    test_labels: Sequence[int] | np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    bank_chunk_rows: int = 32768,
+    query_chunk_rows: int = 65536,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Weighted k-NN top-1/top-5 (x100) for every k: `{"top1@k=20": ..., "top5@k=20": ...}`.
+
+    One search at the largest k; smaller k reuse the first columns of its sorted neighbour lists.
+    """
+    ks = _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    highest = int(max(train_labels.max(), test_labels.max()))
+    num_classes = highest + 1 if num_classes is None else int(num_classes)
+    if min(train_labels.min(), test_labels.min()) < 0 or highest >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}); got {train_labels.min()}..{highest}")
+    if bank_chunk_rows < 1 or query_chunk_rows < 1:
+        raise ValueError("chunk sizes must be positive")
+    similarities, indices = nearest_neighbours(train_features, test_features, ks[-1], bank_chunk_rows,
+                                               query_chunk_rows, progress)
+    neighbour_labels = train_labels[indices]
+    top1 = {k: 0 for k in ks}
+    top5 = {k: 0 for k in ks}
+    vote_rows = max(1, (1 << 24) // num_classes)  # bounds the (rows, classes) float64 vote matrix
+    for r0 in range(0, len(test_labels), vote_rows):
+        rows = slice(r0, r0 + vote_rows)
+        for k in ks:
+            log_votes = class_log_votes(similarities[rows, :k], neighbour_labels[rows, :k], temperature, num_classes)
+            ranks = label_ranks(log_votes, test_labels[rows])
+            voted = np.isfinite(log_votes[np.arange(len(ranks)), test_labels[rows]])
+            top1[k] += int((ranks == 0).sum())
+            top5[k] += int(((ranks < min(5, k)) & voted).sum())  # §3.3: only classes with a vote count
+    n = len(test_labels)
+    metrics = {}
+    for k in ks:
+        metrics[f"top1@k={k}"] = 100.0 * top1[k] / n
+        metrics[f"top5@k={k}"] = 100.0 * top5[k] / n
+    return metrics
+
+
+@dataclass
+class KNNConfig:
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = 0.07
+    train_split: str | None = None  # None: "train" (ImageNet-style) or "trainval" (VOC root)
+    test_split: str | None = None  # None: "val" or "test" (VOC root)
+    layer: str = "feature5"
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "cpu"
+    bank_chunk_rows: int = 32768
+    query_chunk_rows: int = 65536
+    cache_dir: str | None = None  # None: $DENSECL_BENCH_CACHE/features
+    progress: bool = True
+
+
+def weights_fingerprint(backbone: Backbone) -> str:
+    """sha256 of the backbone's tensors: keys the feature cache of a backbone with no checkpoint file."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def feature_identity(backbone: Backbone, checkpoint: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
+    """(checkpoint provenance, the string that keys cached features for these weights)."""
+    info = checkpoint_info(checkpoint)
+    if info["sha256"]:
+        return info, info["sha256"]
+    # "random-init" alone would let two different random backbones share one cache entry.
+    return info, f"random-init:{weights_fingerprint(backbone)}"
+
+
+def split_features(backbone: Backbone, split: ClassificationSplit, layer: str, weights_key: str,
+                   cfg: KNNConfig) -> np.ndarray:
+    root = Path(split.root)
+    ids = [os.path.relpath(path, root) for path, _ in split.samples]
+    key = {"weights": weights_key, "dataset": split.fingerprint(), "transform": "resize256-centercrop224"}
+    features, _ = cached_features(
+        backbone, LabeledImages(split.samples, center_crop_transform()), split.name, [layer], "gap", key,
+        np.asarray(split.labels, dtype=np.int64), ids, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
+        workers=cfg.workers, device=cfg.device, progress=cfg.progress,
+    )
+    return features[layer]
+
+
+def dataset_info(data: str | os.PathLike, splits: Sequence[ClassificationSplit]) -> dict[str, Any]:
+    return {
+        "name": Path(data).name,
+        "root": str(Path(data).resolve()),
+        "layout": splits[0].layout,
+        "classes": len(splits[0].classes),
+        "splits": {s.name: len(s) for s in splits},
+        "fingerprint": {s.name: s.fingerprint() for s in splits},
+    }
+
+
+def check_same_classes(train: ClassificationSplit, test: ClassificationSplit) -> None:
+    if train.classes != test.classes:
+        raise ValueError(
+            f"splits {train.name!r} and {test.name!r} have different class lists "
+            f"({len(train.classes)} vs {len(test.classes)} classes): labels would not line up"
+        )
+
+
+def run(
+    backbone: Backbone,
+    cfg: KNNConfig,
+    data: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+) -> ProtocolResult:
+    """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1)."""
+    default_train, default_test = default_splits(data)
+    resolved = KNNConfig(**{**asdict(cfg), "train_split": cfg.train_split or default_train,
+                            "test_split": cfg.test_split or default_test, "ks": tuple(cfg.ks)})
+    train = load_split(data, resolved.train_split)
+    test = load_split(data, resolved.test_split)
+    check_same_classes(train, test)
+    info, weights_key = feature_identity(backbone, checkpoint)
+    timings = {}
+    start = time.perf_counter()
+    bank = split_features(backbone, train, resolved.layer, weights_key, resolved)
+    timings["features_train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    queries = split_features(backbone, test, resolved.layer, weights_key, resolved)
+    timings["features_test"] = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = knn_classify(
+        bank, train.labels, queries, test.labels, ks=resolved.ks, temperature=resolved.temperature,
+        num_classes=len(train.classes), bank_chunk_rows=resolved.bank_chunk_rows,
+        query_chunk_rows=resolved.query_chunk_rows, progress=resolved.progress,
+    )
+    timings["knn"] = time.perf_counter() - start
+    config = {**asdict(resolved), "arch": backbone.name, "pooling": "gap", "num_classes": len(train.classes),
+              "transform": "Resize(256) + CenterCrop(224) + ImageNet normalisation"}
+    return ProtocolResult(
+        protocol="knn", metrics=metrics, config=config, dataset=dataset_info(data, [train, test]),
+        checkpoint=info, timings=timings,
+        details={"bank_rows": len(train), "query_rows": len(test), "feature_dim": int(bank.shape[1]),
+                 "tie_break": "lower class index first", "top5": "only classes with a positive vote"},
+    )

@@ -1,0 +1,482 @@
+"""Linear probes on a frozen backbone: one head per stage ("mhead", spec protocols.md §2.1) or a
+single head on the pooled last stage ("avgpool", §2.3).
+
+The backbone stays in eval mode with `requires_grad=False` for the whole run (the reference's
+`frozen_stages=4` re-freezes it in every `train()` call), so its BN running statistics never
+move; each batch goes through it once and the five heads share that forward.
+
+Reproducible and resumable by construction: the epoch's sample order depends only on
+(seed, epoch) and each sample's augmentation only on (seed, epoch, index), so a run restarted from
+`<out>/linear_state.pt` at any iteration, with any number of loader workers, continues exactly as
+if it had never stopped. The state is written atomically at the end of every epoch, every
+`checkpoint_seconds`, and on SIGINT/SIGTERM (at the next iteration boundary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from baselines.backbone import FEATURE_NAMES, Backbone
+from baselines.data import derived_seed, load_rgb
+from baselines.train import atomic_save, seed_everything
+from protocols.datasets.classification import ClassificationSplit, LabeledImages, load_split
+from protocols.features import IMAGENET_MEAN, IMAGENET_STD, SVM_POOLS, svm_pool
+from protocols.knn import check_same_classes, dataset_info, default_splits, feature_identity
+from protocols.result import ProtocolResult
+
+SPEC_IMAGE_SIZE = 224
+STATE_FILE = "linear_state.pt"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The reference hyper-parameters of one probe variant."""
+
+    epochs: int
+    milestones: tuple[int, ...]
+    lr: float
+    nesterov: bool
+    weight_decay: float
+    layers: tuple[str, ...]
+    batch_size: int = 256
+    momentum: float = 0.9
+
+
+RECIPES = {
+    # §2.1 `r50_multihead.py`: step [30, 60, 90] over 90 epochs (the step at 90 never fires).
+    "mhead": Recipe(epochs=90, milestones=(30, 60), lr=0.01, nesterov=True, weight_decay=1e-4, layers=FEATURE_NAMES),
+    # §2.3 `r50_last.py` = MoCo `main_lincls.py`.
+    "avgpool": Recipe(epochs=100, milestones=(60, 80), lr=30.0, nesterov=False, weight_decay=0.0, layers=("feature5",)),
+}
+
+# Fields that change the numbers: a resumed run must agree on all of them.
+RESULT_FIELDS = ("variant", "epochs", "milestones", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
+                 "image_size", "layers", "train_split", "test_split", "seed")
+
+
+@dataclass
+class LinearConfig:
+    variant: str = "mhead"  # "mhead" (§2.1) or "avgpool" (§2.3)
+    epochs: int | None = None  # None: 90 (mhead) / 100 (avgpool)
+    milestones: tuple[int, ...] | None = None  # None: the recipe's steps at the same fractions of `epochs`
+    batch_size: int = 256
+    lr: float | None = None  # None: 0.01 (mhead) / 30 (avgpool), at batch 256
+    scale_lr: bool = False  # multiply lr by batch_size / 256 (linear scaling)
+    weight_decay: float | None = None  # None: 1e-4 (mhead) / 0 (avgpool)
+    momentum: float = 0.9
+    nesterov: bool | None = None  # None: True (mhead) / False (avgpool)
+    image_size: int = SPEC_IMAGE_SIZE  # < 224 only for small runs: pools then adapt to the §1.3 grids
+    layers: tuple[str, ...] | None = None  # mhead: a subset of the five heads; None: all
+    train_split: str | None = None  # None: "train" (ImageNet-style) or "trainval" (VOC root)
+    test_split: str | None = None  # None: "val" or "test" (VOC root)
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    eval_every: int = 0  # also evaluate every N epochs (0: only at the end)
+    checkpoint_seconds: float = 600.0  # mid-epoch state saves when `out` is given
+    progress: bool = True
+
+
+def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
+    """The reference's LR steps at the same fractions of a shorter/longer run (30/90 and 60/90 of E).
+
+    Rounded half up, at least epoch 1; a step at or after the last epoch never fires and is dropped.
+    Steps that collide (tiny E) are kept, so the LR still ends 100x lower.
+    """
+    scaled = (max(1, math.floor(m * epochs / reference_epochs + 0.5)) for m in reference)
+    return tuple(m for m in scaled if m < epochs)
+
+
+def lr_at(epoch: int, base_lr: float, milestones: Sequence[int], gamma: float = 0.1) -> float:
+    """Step schedule (mmcv `policy='step'`, torch MultiStepLR): x gamma at each milestone reached."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def resolve_config(cfg: LinearConfig, data: str | os.PathLike) -> tuple[LinearConfig, dict[str, Any]]:
+    """Every `None` replaced by the recipe's value; also returns how lr and milestones were derived."""
+    if cfg.variant not in RECIPES:
+        raise ValueError(f"unknown linear-probe variant {cfg.variant!r}: choose from {', '.join(RECIPES)}")
+    recipe = RECIPES[cfg.variant]
+    epochs = recipe.epochs if cfg.epochs is None else int(cfg.epochs)
+    if epochs < 1 or cfg.batch_size < 1 or cfg.image_size < 32:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, image_size >= 32; "
+                         f"got {epochs}, {cfg.batch_size}, {cfg.image_size}")
+    layers = recipe.layers if cfg.layers is None else tuple(cfg.layers)
+    if cfg.variant == "avgpool" and layers != ("feature5",):
+        raise ValueError("the avgpool probe (§2.3) has a single head on feature5")
+    unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
+    if unknown or not layers:
+        raise ValueError(f"unknown layers {unknown or list(layers)}: choose from {', '.join(FEATURE_NAMES)}")
+    milestones = (scale_milestones(recipe.milestones, recipe.epochs, epochs) if cfg.milestones is None
+                  else tuple(int(m) for m in cfg.milestones))
+    base_lr = recipe.lr if cfg.lr is None else float(cfg.lr)
+    lr = base_lr * cfg.batch_size / recipe.batch_size if cfg.scale_lr else base_lr
+    default_train, default_test = default_splits(data)
+    resolved = replace(
+        cfg, epochs=epochs, milestones=milestones, lr=lr, layers=layers,
+        weight_decay=recipe.weight_decay if cfg.weight_decay is None else float(cfg.weight_decay),
+        nesterov=recipe.nesterov if cfg.nesterov is None else bool(cfg.nesterov),
+        train_split=cfg.train_split or default_train, test_split=cfg.test_split or default_test,
+    )
+    derivation = {"base_lr": base_lr, "lr_scaled_by": cfg.batch_size / recipe.batch_size if cfg.scale_lr else 1.0,
+                  "milestones_from": "given" if cfg.milestones is not None
+                  else f"{list(recipe.milestones)} of {recipe.epochs} epochs, scaled to {epochs}",
+                  "gamma": 0.1}
+    return resolved, derivation
+
+
+def spec_grid(layer: str, reduction: int) -> int:
+    """Side of the §1.3 pooled map for a 224 input: 12, 6, 4, 3, 2 for feature1..feature5."""
+    kernel, stride, padding = SVM_POOLS[layer]
+    return (SPEC_IMAGE_SIZE // reduction + 2 * padding - kernel) // stride + 1
+
+
+def stage_pool(layer: str, reduction: int, image_size: int) -> nn.Module:
+    """§1.3's AvgPool2d at 224; at other sizes an adaptive pool to the same grid, so dims are unchanged."""
+    if image_size == SPEC_IMAGE_SIZE:
+        return svm_pool(layer)
+    return nn.AdaptiveAvgPool2d(spec_grid(layer, reduction))
+
+
+def linear_layer(in_features: int, num_classes: int) -> nn.Linear:
+    fc = nn.Linear(in_features, num_classes)
+    nn.init.normal_(fc.weight, 0.0, 0.01)  # §2.1 / §2.3: N(0, 0.01), bias 0
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: int = SPEC_IMAGE_SIZE,
+                layers: Sequence[str] | None = None) -> nn.ModuleDict:
+    """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1)."""
+    heads = nn.ModuleDict()
+    if variant == "avgpool":
+        channels = backbone.channels["feature5"]
+        heads["feature5"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear_layer(channels, num_classes))
+        return heads
+    if variant != "mhead":
+        raise ValueError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
+    for layer in layers or FEATURE_NAMES:
+        channels, grid = backbone.channels[layer], spec_grid(layer, backbone.reductions[layer])
+        heads[layer] = nn.Sequential(
+            stage_pool(layer, backbone.reductions[layer], image_size),
+            nn.BatchNorm2d(channels, affine=False, momentum=0.1),
+            nn.Flatten(),
+            linear_layer(channels * grid * grid, num_classes),
+        )
+    return heads
+
+
+def head_dims(heads: nn.ModuleDict) -> dict[str, int]:
+    return {layer: head[-1].in_features for layer, head in heads.items()}
+
+
+class Lighting:
+    """AlexNet PCA colour noise on a [0, 1] tensor: add eigvec @ (alpha * eigval), alpha ~ N(0, std) (§2.1)."""
+
+    EIGVAL = (0.2175, 0.0188, 0.0045)
+    EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        self.alphastd = alphastd
+        self.eigval = torch.tensor(self.EIGVAL)
+        self.eigvec = torch.tensor(self.EIGVEC)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.alphastd  # torch's RNG: reproduced by the per-sample seed
+        shift = self.eigvec @ (alpha * self.eigval)
+        return img + shift.view(3, 1, 1).to(img.dtype)
+
+    def __repr__(self) -> str:
+        return f"Lighting(alphastd={self.alphastd})"
+
+
+def train_transform(variant: str, image_size: int = SPEC_IMAGE_SIZE) -> T.Compose:
+    crop_flip = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    if variant == "avgpool":  # §2.3: crop + flip only
+        return T.Compose([*crop_flip, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([*crop_flip, T.ColorJitter(0.4, 0.4, 0.4, 0.0), T.ToTensor(), Lighting(0.1),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(image_size: int = SPEC_IMAGE_SIZE) -> T.Compose:
+    """Resize(256) + CenterCrop(224), the same 256:224 ratio at other sizes."""
+    resize = round(image_size * 256 / SPEC_IMAGE_SIZE)
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SeededImages(Dataset):
+    """(image, label) for (epoch, index) keys, augmented under a torch seed of (seed, epoch, index)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: T.Compose, seed: int) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+class EpochOrder(Sampler):
+    """The epoch's (epoch, index) keys in an order fixed by (seed, epoch), from sample `start` on."""
+
+    def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, epoch, start
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        return ((self.epoch, index) for index in order[self.start :])
+
+
+@dataclass
+class TrainingState:
+    """Where training stands; with the heads and optimizer it is all a resumed run needs."""
+
+    epoch: int = 0  # completed epochs
+    iteration: int = 0  # completed iterations of the current epoch
+    loss_sums: dict[str, float] = field(default_factory=dict)  # current epoch, sample-weighted
+    seen: int = 0  # samples of the current epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # per finished epoch: lr, mean loss per head
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> metrics
+
+
+@contextlib.contextmanager
+def frozen(backbone: nn.Module) -> Iterator[nn.Module]:
+    """Backbone in eval mode without gradients for the block; the caller's flags come back afterwards."""
+    was_training = backbone.training
+    flags = {name: p.requires_grad for name, p in backbone.named_parameters()}
+    backbone.eval().requires_grad_(False)
+    try:
+        yield backbone
+    finally:
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(flags[name])
+        backbone.train(was_training)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop checks it between iterations, so saved states are consistent."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGINT/SIGTERM become a `StopRequest` for the block (main thread only); old handlers come back."""
+    request = StopRequest()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request.handle)
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_step(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """One shared backbone forward, one CE loss per head, their sum back-propagated (§2.1)."""
+    with torch.no_grad():
+        features = backbone(images)
+    losses = {layer: F.cross_entropy(head(features[layer]), labels) for layer, head in heads.items()}
+    optimizer.zero_grad(set_to_none=True)
+    torch.stack(list(losses.values())).sum().backward()
+    optimizer.step()
+    return {layer: float(loss.detach()) for layer, loss in losses.items()}
+
+
+@torch.no_grad()
+def evaluate(backbone: nn.Module, heads: nn.ModuleDict, split: ClassificationSplit, cfg: LinearConfig,
+             num_classes: int) -> dict[str, float]:
+    """Top-1/top-5 (x100) of every head on the centre-cropped split."""
+    heads.eval()
+    device = torch.device(cfg.device)
+    loader = DataLoader(LabeledImages(split.samples, eval_transform(cfg.image_size)), batch_size=cfg.batch_size,
+                        shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    top1 = dict.fromkeys(heads, 0)
+    top5 = dict.fromkeys(heads, 0)
+    for images, labels, _ in tqdm(loader, desc=f"evaluate {split.name}", disable=not cfg.progress, dynamic_ncols=True):
+        features = backbone(images.to(device, non_blocking=True))
+        labels = labels.to(device)
+        for layer, head in heads.items():
+            best = head(features[layer]).topk(min(5, num_classes), dim=1).indices
+            hits = best == labels[:, None]
+            top1[layer] += int(hits[:, 0].sum())
+            top5[layer] += int(hits.any(dim=1).sum())
+    metrics = {}
+    for layer in heads:
+        metrics[f"{layer}/top1"] = 100.0 * top1[layer] / len(split)
+        metrics[f"{layer}/top5"] = 100.0 * top5[layer] / len(split)
+    return metrics
+
+
+def run_identity(cfg: LinearConfig, weights_key: str, train: ClassificationSplit, num_classes: int) -> dict[str, Any]:
+    """What a saved state must match to be resumed: the result-changing config, weights and data."""
+    values = asdict(cfg)
+    identity = {name: values[name] for name in RESULT_FIELDS}
+    identity.update(milestones=list(cfg.milestones), layers=list(cfg.layers), weights=weights_key,
+                    train_data=train.fingerprint(), num_classes=num_classes)
+    return identity
+
+
+def save_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+               state: TrainingState) -> None:
+    atomic_save({"version": STATE_VERSION, "identity": identity, "heads": heads.state_dict(),
+                 "optimizer": optimizer.state_dict(), "state": asdict(state)}, path)
+
+
+def load_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict,
+               optimizer: torch.optim.Optimizer) -> TrainingState:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("version") != STATE_VERSION:
+        raise ValueError(f"{path} is a linear-probe state of version {saved.get('version')}, expected {STATE_VERSION}")
+    differs = sorted(key for key in identity if saved["identity"].get(key) != identity[key])
+    if differs:
+        raise ValueError(f"{path} belongs to a run with another {', '.join(differs)}: use another output folder")
+    heads.load_state_dict(saved["heads"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state = TrainingState(**saved["state"])
+    state.evaluations = {int(epoch): metrics for epoch, metrics in state.evaluations.items()}
+    return state
+
+
+def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+                data: SeededImages, state: TrainingState, cfg: LinearConfig, checkpoint: Any,
+                stop: StopRequest) -> bool:
+    """Train from `state.iteration` to the end of `state.epoch`; False when a stop was requested."""
+    device = torch.device(cfg.device)
+    order = EpochOrder(len(data), cfg.seed, state.epoch, start=state.iteration * cfg.batch_size)
+    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, state.epoch)))
+    heads.train()
+    last_save = time.monotonic()
+    bar = tqdm(total=math.ceil(len(data) / cfg.batch_size), initial=state.iteration,
+               desc=f"linear epoch {state.epoch + 1}/{cfg.epochs}", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for images, labels in loader:
+            losses = train_step(backbone, heads, optimizer, images.to(device, non_blocking=True), labels.to(device))
+            for layer, loss in losses.items():
+                state.loss_sums[layer] = state.loss_sums.get(layer, 0.0) + loss * len(labels)
+            state.seen += len(labels)
+            state.iteration += 1
+            bar.update()
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+            if stop.signal is not None:
+                checkpoint()
+                return False
+            if time.monotonic() - last_save > cfg.checkpoint_seconds:
+                checkpoint()
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+    return True
+
+
+def run(
+    backbone: Backbone,
+    cfg: LinearConfig,
+    data: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+) -> ProtocolResult:
+    """Train the heads on `train_split` and report top-1/top-5 per head on `test_split`.
+
+    With `out`, the run resumes from `<out>/linear_state.pt` when one with the same config exists.
+    """
+    cfg, derivation = resolve_config(cfg, data)
+    train = load_split(data, cfg.train_split)
+    test = load_split(data, cfg.test_split)
+    check_same_classes(train, test)
+    num_classes = len(train.classes)
+    info, weights_key = feature_identity(backbone, checkpoint)
+    identity = run_identity(cfg, weights_key, train, num_classes)
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)
+    heads = build_heads(backbone, cfg.variant, num_classes, cfg.image_size, cfg.layers).to(device)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    state_path = Path(out) / STATE_FILE if out is not None else None
+    state = TrainingState()
+    resumed_from = None
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        if state_path.exists():
+            state = load_state(state_path, identity, heads, optimizer)
+            resumed_from = {"epoch": state.epoch, "iteration": state.iteration}
+
+    def checkpoint_now() -> None:
+        if state_path is not None:
+            save_state(state_path, identity, heads, optimizer, state)
+
+    train_data = SeededImages(train.samples, train_transform(cfg.variant, cfg.image_size), cfg.seed)
+    start = time.perf_counter()
+    with frozen(backbone.to(device)):
+        while state.epoch < cfg.epochs:
+            lr = lr_at(state.epoch, cfg.lr, cfg.milestones)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with stop_on_signals() as stop:  # evaluations keep the default handlers: Ctrl-C stops them at once
+                finished = train_epoch(backbone, heads, optimizer, train_data, state, cfg, checkpoint_now, stop)
+            if not finished:
+                saved = f"; state saved to {state_path}" if state_path else ""
+                raise KeyboardInterrupt(f"linear probe stopped by signal {stop.signal} at epoch {state.epoch} "
+                                        f"iteration {state.iteration}{saved}")
+            state.history.append({"epoch": state.epoch + 1, "lr": lr,
+                                  "loss": {layer: s / state.seen for layer, s in state.loss_sums.items()}})
+            state.epoch, state.iteration, state.loss_sums, state.seen = state.epoch + 1, 0, {}, 0
+            if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.epoch < cfg.epochs:
+                state.evaluations[state.epoch] = evaluate(backbone, heads, test, cfg, num_classes)
+            checkpoint_now()
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = evaluate(backbone, heads, test, cfg, num_classes)
+        eval_seconds = time.perf_counter() - start
+    best = max(heads, key=lambda layer: metrics[f"{layer}/top1"])
+    metrics["best/top1"] = metrics[f"{best}/top1"]
+    config = {**asdict(cfg), **derivation, "arch": backbone.name, "num_classes": num_classes,
+              "pooling": "§1.3 AvgPool2d" if cfg.image_size == SPEC_IMAGE_SIZE else "adaptive to the §1.3 grid",
+              "train_transform": repr(train_transform(cfg.variant, cfg.image_size)),
+              "eval_transform": repr(eval_transform(cfg.image_size))}
+    return ProtocolResult(
+        protocol="linear", metrics=metrics, config=config, dataset=dataset_info(data, [train, test]), checkpoint=info,
+        timings={"train": train_seconds, "evaluate": eval_seconds},
+        details={"best_layer": best, "head_dims": head_dims(heads), "history": state.history,
+                 "evaluations": state.evaluations, "resumed_from": resumed_from,
+                 "state_file": str(state_path) if state_path else None},
+    )

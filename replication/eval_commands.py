@@ -1,0 +1,163 @@
+"""`densecl-bench eval <protocol>`: load any checkpoint, run one protocol, print a table, write JSON.
+
+Each command is a thin layer over `protocols.<name>.run`; the JSON it writes is the
+`ProtocolResult` (metrics, resolved config, checkpoint sha256 and detected format, dataset summary,
+timings) plus the command line and package versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+RESULT_ROOT = Path("runs") / "eval"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _layers(text: str) -> tuple[str, ...]:
+    from baselines.backbone import FEATURE_NAMES
+
+    if text == "all":
+        return FEATURE_NAMES
+    layers = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
+    if unknown or not layers:
+        raise argparse.ArgumentTypeError(f"unknown layer(s) {unknown or text!r}: use feature1..feature5 or 'all'")
+    return layers
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint in any supported layout (ours, official DenseCL/OpenSelfSup, MMSelfSup, "
+                        "MoCo, torchvision/timm, detectron2 .pkl), or 'random' for a random-init baseline")
+    parser.add_argument("--arch", help="backbone architecture (default: from the checkpoint; resnet50 for 'random')")
+    parser.add_argument("--data", help="dataset root (default: the synthetic VOC-layout dataset, generated on demand)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch (default: 32)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds samplers, solvers and the random-init baseline (default: 0)")
+    parser.add_argument("--cache-dir", help="feature cache (default: $DENSECL_BENCH_CACHE/features)")
+    parser.add_argument("--out", help=f"result JSON path (default: {RESULT_ROOT}/<protocol>-<checkpoint>-<time>.json)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    from protocols.common import default_voc_root
+
+    if args.data:
+        root = Path(args.data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder {root} does not exist")
+        return root
+    root = default_voc_root(progress=args.progress)
+    print(f"[eval] no --data given: using the synthetic VOC-layout dataset in {root}", file=sys.stderr)
+    return root
+
+
+def _subject(args: argparse.Namespace):
+    from protocols.common import backbone_under_test, resolve_device
+
+    subject = backbone_under_test(args.checkpoint, args.arch, args.seed, resolve_device(args.device))
+    print(f"[eval] checkpoint {args.checkpoint}: {subject.info['format']}, {subject.backbone.name}", file=sys.stderr)
+    return subject
+
+
+def write_result(result, args: argparse.Namespace) -> Path:
+    from baselines.train import run_metadata
+
+    stem = "random" if args.checkpoint == "random" else Path(args.checkpoint).stem
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(args.out) if args.out else RESULT_ROOT / f"{result.protocol}-{stem}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**result.to_dict(), "command": ["densecl-bench", *args.argv],
+               "environment": run_metadata()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def _print_svm_table(result) -> None:
+    details = result.details
+    if details["svm"]:
+        print(f"VOC07 SVM mAP (x100; {result.dataset['name']}, {result.dataset['splits']})")
+        for layer, r in details["svm"].items():
+            mark = "  <- best" if layer == details["best_layer"] else ""
+            print(f"  {layer:9s} {r['mAP']:6.2f}{mark}")
+    for layer, r in details["low_shot"].items():
+        print(f"VOC07 low-shot SVM, {layer} (x100 over {r['config']['samples']} samples; cost chosen on test, as the reference)")
+        print(f"  {'k':>3s} {'mean':>7s} {'min':>7s} {'max':>7s} {'std':>6s}")
+        for row in r["per_k"]:
+            print(f"  {row['k']:3d} {row['mean']:7.2f} {row['min']:7.2f} {row['max']:7.2f} {row['std']:6.2f}")
+
+
+def cmd_voc(args: argparse.Namespace, full: bool) -> int:
+    from protocols import voc_svm
+
+    subject = _subject(args)
+    root = _data_root(args)
+    cfg = voc_svm.VOCEvalConfig(layers=args.layers, batch_size=args.batch_size, workers=args.workers,
+                                device=args.device, cache_dir=args.cache_dir)
+    svm = low_shot = None
+    if full:
+        svm = voc_svm.SVMConfig(costs=args.costs, seed=args.seed, workers=args.svm_workers)
+    else:
+        low_shot = voc_svm.LowShotConfig(ks=args.ks, samples=args.samples, costs=args.costs, seed=args.seed,
+                                         sample_dir=args.sample_dir, workers=args.svm_workers)
+    result = voc_svm.run(subject, root, cfg, svm=svm, low_shot=low_shot, progress=args.progress)
+    _print_svm_table(result)
+    print(f"result: {write_result(result, args)}")
+    return 0
+
+
+def add_eval_commands(commands) -> None:
+    from protocols import voc_svm
+
+    evaluate = commands.add_parser("eval", help="evaluate any checkpoint under one of the paper's protocols")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    costs_help = "SVM costs C (default: the reference's 19: 1,10,100 and 0.5^4..0.5^19)"
+
+    svm = protocols.add_parser(
+        "voc-svm", help="VOC07 linear SVM per layer, cost by 3-fold CV (spec §1.4-1.5)",
+        description="VOC07 SVM: features (short side 256, squashed to 224x224, per-layer AvgPool) of "
+        "trainval and test, one LinearSVC per (class, cost), cost chosen by 3-fold CV, test AP "
+        "(all-point interpolated, difficult dropped), mAP x100 per layer and the best layer.",
+    )
+    _common_arguments(svm)
+    svm.add_argument("--layers", type=_layers, default=("feature5",), help="comma list of feature1..feature5, or 'all' (default: feature5, as the DenseCL scripts)")
+    svm.add_argument("--costs", type=_floats, default=voc_svm.DEFAULT_COSTS, help=costs_help)
+    svm.add_argument("--svm-workers", type=int, help="parallel SVM fits (default: every core)")
+    svm.set_defaults(func=lambda a: cmd_voc(a, full=True))
+
+    low = protocols.add_parser(
+        "voc-lowshot", help="VOC07 low-shot SVM, k positives per class (spec §1.7)",
+        description="VOC07 low-shot SVM: for each k, 5 samples of k positives and 19k negatives per class "
+        "(seeded, or FAIR's sample files via --sample-dir), no CV; the cost is chosen on the test set as "
+        "the reference does. Reports mean/min/max/std over samples. ks the data cannot supply are dropped "
+        "with a warning.",
+    )
+    _common_arguments(low)
+    low.add_argument("--layers", type=_layers, default=("feature5",), help="comma list of feature1..feature5, or 'all' (default: feature5, as the DenseCL scripts)")
+    low.add_argument("--costs", type=_floats, default=voc_svm.DEFAULT_COSTS, help=costs_help)
+    low.add_argument("--ks", type=_ints, default=voc_svm.LOW_SHOT_KS, help="positives per class (default: 1,2,4,8,16,32,64,96)")
+    low.add_argument("--samples", type=int, default=5, help="independent samples per k (default: 5)")
+    low.add_argument("--sample-dir", help="folder of FAIR-format train_targets_sample{s}_k{k}.npy files")
+    low.add_argument("--svm-workers", type=int, help="parallel SVM fits (default: every core)")
+    low.set_defaults(func=lambda a: cmd_voc(a, full=False))

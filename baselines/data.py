@@ -105,11 +105,23 @@ class PretrainSampler(Sampler):
     The epoch's permutation depends only on (seed, epoch). Global batch t is the slice
     [t*B, (t+1)*B) of it, and process r takes the r-th per-process share, so the global batches are
     the same whatever the number of processes. The tail that does not fill a batch is dropped.
+
+    `order="halves"` splits the images once (by seed) into two fixed halves and visits the first,
+    then the second, each shuffled anew every epoch. An image then comes back only after more than
+    N/2 - B others, so a queue of K <= N/2 - B keys never holds its own previous key, as on
+    ImageNet with the official K (spec pretraining.md §2.6); plain shuffling cannot promise that on
+    a small dataset.
     """
 
-    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    ORDERS = ("shuffle", "halves")
+
+    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 order: str = "shuffle") -> None:
         if num_images < global_batch:
             raise ValueError(f"{num_images} images cannot fill one global batch of {global_batch}")
+        if order not in self.ORDERS:
+            raise ValueError(f"unknown epoch order {order!r}; choose one of {', '.join(self.ORDERS)}")
+        self.order = order
         self.num_images = num_images
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
@@ -129,9 +141,23 @@ class PretrainSampler(Sampler):
     def __len__(self) -> int:
         return (self.iterations_per_epoch - self.start_iteration) * self.local_batch
 
-    def __iter__(self):
+    def permutation(self) -> list[int]:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        perm = torch.randperm(self.num_images, generator=generator).tolist()
+        if self.order == "shuffle":
+            return torch.randperm(self.num_images, generator=generator).tolist()
+        split_seed = derived_seed(self.seed, 2**40)  # a key no epoch number reaches
+        halves = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(split_seed))
+        first, second = halves[: self.num_images // 2], halves[self.num_images // 2 :]
+        return [int(i) for half in (first, second) for i in half[torch.randperm(len(half), generator=generator)]]
+
+    def min_return_gap(self) -> int:
+        """Fewest other images consumed between two visits of one image (a lower bound)."""
+        if self.order == "shuffle":
+            return 0
+        return self.num_images // 2 - self.global_batch + 1
+
+    def __iter__(self):
+        perm = self.permutation()
         for t in range(self.start_iteration, self.iterations_per_epoch):
             start = t * self.global_batch + self.rank * self.local_batch
             for index in perm[start : start + self.local_batch]:

@@ -76,6 +76,9 @@ class PretrainConfig:
     save_every_iters: int = option(0, "also refresh checkpoints/last.pth every N iterations (0: off)")
     log_every: int = option(10, "iterations per JSONL log record")
     resume: str = option("", "'auto' (out/checkpoints/last.pth if present) or a checkpoint path")
+    epoch_order: str = option(
+        "shuffle", "shuffle (official), or halves: two fixed halves visited in turn, each shuffled per epoch, so "
+        "a queue of K <= N/2 - B never holds an image's own old key on a small dataset", choices=("shuffle", "halves"))
     skip_bad_images: bool = option(False, "replace unreadable images by the next readable one and count them")
     progress: bool = option(True, "tqdm progress bar on the main process")
 
@@ -299,7 +302,9 @@ class Trainer:
         self.resumed_from = self._resume()
 
         self.dataset = PretrainImages(self.files, TwoViews(mocov2_augmentation(cfg.image_size)), cfg.seed, cfg.skip_bad_images)
-        self.sampler = PretrainSampler(len(self.files), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.sampler = PretrainSampler(len(self.files), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size,
+                                       order=cfg.epoch_order)
+        self._check_queue_fits_data()
         self.loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size // self.dist.world_size,
@@ -319,6 +324,17 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
 
     # ----------------------------------------------------------------------------- checkpoints
+    def _check_queue_fits_data(self) -> None:
+        """Spec §2.6: with the official K an image never meets its own old key; say when that cannot hold."""
+        n, k, b = len(self.files), self.cfg.queue_size, self.cfg.batch_size
+        if self.cfg.epoch_order == "halves" and k >= self.sampler.min_return_gap():
+            raise configs.ConfigError(
+                f"queue_size {k} must be at most N/2 - B = {n // 2 - b} for {n} images and batch {b} "
+                "so that no image meets its own old key (epoch_order halves)")
+        if self.cfg.epoch_order == "shuffle" and k + b > n and self.dist.is_main:
+            print(f"[pretrain] warning: queue_size {k} + batch {b} exceeds the {n} images: the queue holds old keys "
+                  "of the very images it contrasts (use --epoch-order halves with K <= N/2 - B)", file=sys.stderr)
+
     def _resume(self) -> Path | None:
         cfg = self.cfg
         if not cfg.resume:

@@ -155,10 +155,10 @@ def knn_classify(
     ks = _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature)
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
-    highest = int(max(train_labels.max(), test_labels.max()))
+    lowest, highest = int(min(train_labels.min(), test_labels.min())), int(max(train_labels.max(), test_labels.max()))
     num_classes = highest + 1 if num_classes is None else int(num_classes)
-    if min(train_labels.min(), test_labels.min()) < 0 or highest >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}); got {train_labels.min()}..{highest}")
+    if lowest < 0 or highest >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}); got {lowest}..{highest}")
     if bank_chunk_rows < 1 or query_chunk_rows < 1:
         raise ValueError("chunk sizes must be positive")
     similarities, indices = nearest_neighbours(train_features, test_features, ks[-1], bank_chunk_rows,

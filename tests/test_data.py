@@ -88,3 +88,31 @@ def test_sampler_resumes_mid_epoch_and_reshuffles_per_epoch():
 def test_sampler_needs_one_full_batch():
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         PretrainSampler(5, 8, seed=0)
+
+
+@pytest.mark.parametrize("num_images, batch", [(512, 64), (100, 8), (37, 4)])
+def test_halves_order_keeps_an_images_old_key_out_of_a_queue_of_n_half_minus_b(num_images, batch):
+    """Replay a FIFO queue of K = N/2 - B keys over 6 epochs: no query ever meets its own old key."""
+    sampler = PretrainSampler(num_images, batch, seed=3, order="halves")
+    queue_size = num_images // 2 - batch
+    queue: list[int] = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        keys = [index for _, index in sampler]
+        assert len(set(keys)) == len(keys) == sampler.iterations_per_epoch * batch
+        for t in range(0, len(keys), batch):
+            step = keys[t : t + batch]
+            assert not set(step) & set(queue), (epoch, t)
+            queue = (queue + step)[-queue_size:] if queue_size else []
+    shuffled = PretrainSampler(num_images, batch, seed=3)
+    assert shuffled.min_return_gap() == 0 and sampler.min_return_gap() == num_images // 2 - batch + 1
+
+
+def test_halves_order_still_reshuffles_every_epoch():
+    sampler = PretrainSampler(64, 8, seed=0, order="halves")
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        orders.append([i for _, i in sampler])
+    assert orders[0] != orders[1]
+    assert set(orders[0][:32]) == set(orders[1][:32])  # the same first half, in a new order

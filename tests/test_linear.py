@@ -117,9 +117,10 @@ def test_interrupted_run_resumes_exactly_with_any_workers(small_run, resnet18, v
     calls = []
     step = linear.train_step
 
-    def interrupted_step(*args, **kwargs):
+    def interrupted_step(backbone, *args, **kwargs):
+        assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
         calls.append(1)
-        losses = step(*args, **kwargs)
+        losses = step(backbone, *args, **kwargs)
         if len(calls) == 6:  # mid-epoch 2 (4 iterations per epoch)
             os.kill(os.getpid(), signal.SIGINT)
         return losses
@@ -144,7 +145,7 @@ def test_avgpool_variant_is_deterministic(resnet18, voc_root):
     result = linear.run(resnet18, cfg, voc_root)
     assert set(result.metrics) == {"feature5/top1", "feature5/top5", "best/top1"}
     assert result.details["head_dims"] == {"feature5": 512}
-    assert result.config["lr"] == 30.0 and result.config["milestones"] == (1, 1)
+    assert result.config["lr"] == 30.0 and result.config["milestones"] == (1,)
     again = linear.run(resnet18, cfg, voc_root)
     assert again.metrics == result.metrics and again.details["history"] == result.details["history"]
     other_seed = linear.run(resnet18, replace(cfg, seed=1), voc_root)

@@ -135,3 +135,8 @@ def test_validation_names_every_problem(pretrain_images, tmp_path):
         tiny_config(pretrain_images, tmp_path, bn_group_size=3).validate()
     with pytest.raises(ConfigError, match="no pretraining data"):
         PretrainConfig(out=str(tmp_path)).validate()
+
+
+def test_halves_order_refuses_a_queue_that_would_hold_own_keys(pretrain_images, tmp_path):
+    with pytest.raises(ConfigError, match=r"at most N/2 - B = 16 for 48 images"):
+        pretrain(tiny_config(pretrain_images, tmp_path / "run", epoch_order="halves", queue_size=32))

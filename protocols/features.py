@@ -143,7 +143,7 @@ def extract_to(
                 last_flush = time.monotonic()
     bar.close()
     flush(done)
-    del arrays
+    arrays.clear()  # drop the memmaps before renaming their files
     for layer in layers:
         os.replace(partial[layer], out / f"{split}_{layer}.npy")
     marker.unlink()

@@ -2,20 +2,14 @@
 
 Each command is a thin layer over `protocols.<name>.run`; the JSON it writes is the
 `ProtocolResult` (metrics, resolved config, checkpoint sha256 and detected format, dataset summary,
-timings) plus the command line and package versions.
+timings) plus the command line, git state and package versions, stored by `replication.results`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 from pathlib import Path
-
-RESULT_ROOT = Path("runs") / "eval"
-
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -54,7 +48,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds samplers, solvers and the random-init baseline (default: 0)")
     parser.add_argument("--cache-dir", help="feature cache (default: $DENSECL_BENCH_CACHE/features)")
-    parser.add_argument("--out", help=f"result JSON path (default: {RESULT_ROOT}/<protocol>-<checkpoint>-<time>.json)")
+    parser.add_argument("--results", default="results",
+                        help="results store: the run goes to RESULTS/eval/<run-id>/ and a row to RESULTS/index.csv "
+                        "(default: results)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -80,18 +76,11 @@ def _subject(args: argparse.Namespace):
 
 
 def write_result(result, args: argparse.Namespace) -> Path:
-    from baselines.train import run_metadata
+    """Store the run as results/eval/<run-id>/ (result.json, metrics.csv) and index it."""
+    from replication.results import ResultsStore
 
-    stem = "random" if args.checkpoint == "random" else Path(args.checkpoint).stem
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = Path(args.out) if args.out else RESULT_ROOT / f"{result.protocol}-{stem}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**result.to_dict(), "command": ["densecl-bench", *args.argv],
-               "environment": run_metadata()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    record = ResultsStore(args.results).write_run("eval", result, seed=args.seed, command=["densecl-bench", *args.argv])
+    return record.path / "result.json"
 
 
 def _print_svm_table(result) -> None:
@@ -123,6 +112,53 @@ def cmd_voc(args: argparse.Namespace, full: bool) -> int:
                                          sample_dir=args.sample_dir, workers=args.svm_workers)
     result = voc_svm.run(subject, root, cfg, svm=svm, low_shot=low_shot, progress=args.progress)
     _print_svm_table(result)
+    print(f"result: {write_result(result, args)}")
+    return 0
+
+
+def _checkpoint_path(args: argparse.Namespace) -> str | None:
+    from protocols.common import RANDOM_INIT
+
+    return None if args.checkpoint == RANDOM_INIT else args.checkpoint
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    print(title)
+    for name, value in metrics.items():
+        print(f"  {name:22s} {value:7.2f}")
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from protocols import knn
+    from protocols.common import resolve_device
+
+    subject = _subject(args)
+    root = _data_root(args)
+    cfg = knn.KNNConfig(ks=args.ks, temperature=args.temperature, train_split=args.train_split,
+                        test_split=args.test_split, batch_size=args.batch_size, workers=args.workers,
+                        device=str(resolve_device(args.device)), cache_dir=args.cache_dir, progress=args.progress)
+    result = knn.run(subject.backbone, cfg, root, checkpoint=_checkpoint_path(args))
+    result.checkpoint = subject.info
+    _print_metrics(f"weighted k-NN (T={args.temperature}; {result.dataset['splits']})", result.metrics)
+    print(f"result: {write_result(result, args)}")
+    return 0
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from protocols import linear
+    from protocols.common import resolve_device
+
+    subject = _subject(args)
+    root = _data_root(args)
+    cfg = linear.LinearConfig(
+        variant=args.variant, epochs=args.epochs, batch_size=args.linear_batch_size, lr=args.lr,
+        scale_lr=args.scale_lr, image_size=args.image_size, layers=args.layers, train_split=args.train_split,
+        test_split=args.test_split, seed=args.seed, workers=args.workers, device=str(resolve_device(args.device)),
+        eval_every=args.eval_every, progress=args.progress,
+    )
+    result = linear.run(subject.backbone, cfg, root, checkpoint=_checkpoint_path(args), out=args.state_dir)
+    result.checkpoint = subject.info
+    _print_metrics(f"linear probe ({args.variant}; {result.config.get('epochs')} epochs)", result.metrics)
     print(f"result: {write_result(result, args)}")
     return 0
 
@@ -161,3 +197,38 @@ def add_eval_commands(commands) -> None:
     low.add_argument("--sample-dir", help="folder of FAIR-format train_targets_sample{s}_k{k}.npy files")
     low.add_argument("--svm-workers", type=int, help="parallel SVM fits (default: every core)")
     low.set_defaults(func=lambda a: cmd_voc(a, full=False))
+
+    nn = protocols.add_parser(
+        "knn", help="weighted k-NN on global-average-pooled res5 features via FAISS (spec §3)",
+        description="Weighted k-NN: L2-normalised GAP features of the last stage (Resize 256, CenterCrop 224), "
+        "FAISS inner-product search over the train split, votes sum exp(s/T) (computed without overflow), "
+        "top-1/top-5 on the val split. Data: an ImageNet-style folder (train/<class>/*, val/<class>/*), "
+        "meta/{train,val}_labeled.txt list files, or a VOC root (each image labelled by its largest object).",
+    )
+    _common_arguments(nn)
+    nn.add_argument("--ks", type=_ints, default=(10, 20, 100, 200), help="neighbour counts (default: 10,20,100,200)")
+    nn.add_argument("--temperature", type=float, default=0.07, help="T of the vote (default: 0.07)")
+    nn.add_argument("--train-split", help="bank split (default: train, or trainval on a VOC root)")
+    nn.add_argument("--test-split", help="query split (default: val, or test on a VOC root)")
+    nn.set_defaults(func=cmd_knn, batch_size=256)
+
+    lin = protocols.add_parser(
+        "linear", help="linear probe on the frozen backbone, one head per stage (spec §2)",
+        description="Linear probe: frozen backbone in eval mode. mhead (§2.1): per stage AvgPool -> BN without "
+        "affine -> Linear, SGD lr 0.01 Nesterov wd 1e-4, steps at 30/60 of 90 epochs, batch 256. avgpool "
+        "(§2.3): GAP res5 -> Linear, lr 30, wd 0, steps 60/80 of 100. --epochs scales the milestones; the "
+        "resolved schedule is recorded.",
+    )
+    _common_arguments(lin)
+    lin.add_argument("--variant", choices=("mhead", "avgpool"), default="mhead", help="head recipe (default: mhead)")
+    lin.add_argument("--epochs", type=int, help="epochs (default: the recipe's 90/100; milestones scale with it)")
+    lin.add_argument("--lr", type=float, help="base lr at batch 256 (default: the recipe's 0.01/30)")
+    lin.add_argument("--linear-batch-size", type=int, default=256, help="training batch (default: 256)")
+    lin.add_argument("--scale-lr", action="store_true", help="multiply lr by batch/256")
+    lin.add_argument("--image-size", type=int, default=224, help="crop size; < 224 only for small runs (default: 224)")
+    lin.add_argument("--layers", type=_layers, help="mhead heads to train (default: all five)")
+    lin.add_argument("--train-split", help="default: train, or trainval on a VOC root")
+    lin.add_argument("--test-split", help="default: val, or test on a VOC root")
+    lin.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (default: only at the end)")
+    lin.add_argument("--state-dir", help="folder for the resumable head/optimizer state (nothing lost on interrupt)")
+    lin.set_defaults(func=cmd_linear)

@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-from PIL import Image
 
 from replication.cli import main
 

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, tiny_config
 
 from baselines.train import pretrain
-from conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
 

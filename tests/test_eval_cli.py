@@ -52,24 +52,29 @@ def run_eval(argv, capsys):
     return captured
 
 
+def stored(captured) -> dict:
+    """The result.json whose path the command printed last."""
+    path = captured.out.strip().splitlines()[-1].removeprefix("result: ")
+    return json.loads(open(path).read())
+
+
 def test_voc_svm_gives_the_same_map_for_every_layout_of_the_same_weights(svm_voc, weights, tmp_path, capsys):
     paths = save_layouts(weights, tmp_path)
     results = {}
     for name, path in paths.items():
-        out = tmp_path / f"{name}.json"
         captured = run_eval(["eval", "voc-svm", "--checkpoint", str(path), "--arch", "resnet18", "--data", str(svm_voc),
                              "--costs", "1,0.01", "--layers", "feature4,feature5", "--workers", "0", "--svm-workers", "1",
-                             "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                             "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")],
                             capsys)
         assert "VOC07 SVM mAP" in captured.out and "<- best" in captured.out
-        results[name] = json.loads(out.read_text())
+        results[name] = stored(captured)
     maps = {name: r["metrics"]["feature5/mAP"] for name, r in results.items()}
     assert len(set(maps.values())) == 1, maps
     assert 0 < maps["torchvision"] <= 100
     for name, r in results.items():
         assert r["checkpoint"]["format"] == name
         assert len(r["checkpoint"]["sha256"]) == 64
-        assert r["protocol"] == "voc07_svm"
+        assert r["protocol"] == "voc07_svm" and r["command"][:3] == ["densecl-bench", "eval", "voc-svm"]
         assert r["dataset"]["splits"] == {"trainval": 91, "test": 69}
         assert r["config"]["svm"]["costs"] == [1.0, 0.01]
         assert r["details"]["best_layer"] in ("feature4", "feature5")
@@ -77,17 +82,17 @@ def test_voc_svm_gives_the_same_map_for_every_layout_of_the_same_weights(svm_voc
 
 
 def test_voc_lowshot_on_a_pretrained_checkpoint(svm_voc, pretrain_images, tmp_path, capsys):
-    from baselines.train import pretrain
     from conftest import tiny_config
 
+    from baselines.train import pretrain
+
     pretrain(tiny_config(pretrain_images, tmp_path / "run", epochs=1, progress=False))
-    out = tmp_path / "lowshot.json"
     captured = run_eval(["eval", "voc-lowshot", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pth"),
                          "--data", str(svm_voc), "--costs", "1,0.01", "--ks", "1,2,64", "--samples", "2",
                          "--workers", "0", "--svm-workers", "1", "--device", "cpu", "--no-progress",
-                         "--cache-dir", str(tmp_path / "cache"), "--out", str(out)], capsys)
+                         "--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")], capsys)
     assert "k=[64] need more images" in captured.err
-    result = json.loads(out.read_text())
+    result = stored(captured)
     assert result["checkpoint"]["format"] == "densecl-bench/pretrain"
     assert result["config"]["low_shot"]["ks"] == [1, 2]
     for k in (1, 2):
@@ -120,3 +125,19 @@ def test_wrong_architecture_names_both(weights, tmp_path, capsys):
     code = main(["eval", "voc-svm", "--checkpoint", str(path), "--arch", "resnet50", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and "resnet18" in err and "resnet50" in err
+
+
+def test_knn_and_linear_commands_run_on_a_random_init_baseline(voc_root, tmp_path, capsys):
+    common = ["--checkpoint", "random", "--arch", "resnet18", "--data", str(voc_root), "--workers", "0",
+              "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    captured = run_eval(["eval", "knn", *common, "--ks", "1,5", "--results", str(tmp_path / "results")], capsys)
+    assert "top1@k=5" in captured.out
+    knn = stored(captured)
+    assert knn["checkpoint"]["format"] == "random-init" and knn["protocol"] == "knn"
+    assert 0 <= knn["metrics"]["top1@k=1"] <= knn["metrics"]["top5@k=1"] <= 100
+
+    captured = run_eval(["eval", "linear", *common, "--epochs", "1", "--image-size", "32", "--linear-batch-size", "8",
+                         "--layers", "feature5", "--results", str(tmp_path / "results")], capsys)
+    linear = stored(captured)
+    assert linear["schema"] == "densecl-bench/result" and linear["pipeline"] == "eval"
+    assert linear["config"]["epochs"] == 1 and "feature5/top1" in linear["metrics"]

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import REPO, tiny_config
 
 from baselines.backbone import create_backbone
 from baselines.config import ConfigError
 from baselines.train import NonFiniteLossError, PretrainConfig, TrainingInterrupted, cosine_lr, pretrain
-from conftest import REPO, tiny_config
 
 
 def final_state(out):

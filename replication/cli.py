@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from baselines import config as configs
+from replication.claims import add_claims_commands
 from replication.eval_commands import add_eval_commands
 
 # The embedded default pretraining data: a synthetic set disjoint from the evaluation one (seed 0).
@@ -56,6 +57,61 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[str, ...]:
+    from replication.eval_commands import _layers
+
+    return _layers(text)
+
+
+def _checkpoint_pairs(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        method, sep, path = value.partition("=")
+        if not sep or not path:
+            raise configs.ConfigError(f"--checkpoint expects METHOD=PATH (e.g. densecl=densecl_r50.pth), got {value!r}")
+        pairs[method] = path
+    return pairs
+
+
+def cmd_replicate_voc(args: argparse.Namespace) -> int:
+    from replication.pipelines import replicate_voc, replicate_voc_config
+
+    checkpoints = _checkpoint_pairs(args.checkpoint)
+    for method, variable in (("densecl", "DENSECL_CHECKPOINT"), ("mocov2", "MOCOV2_CHECKPOINT")):
+        if os.environ.get(variable) and method not in checkpoints:
+            checkpoints[method] = os.environ[variable]
+    cfg = replicate_voc_config(
+        seeds=tuple(args.seeds), epochs=args.epochs, voc_root=args.voc_root or os.environ.get("VOC_ROOT") or None,
+        checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
+        workers=args.workers, device=args.device, runs=args.runs, results=args.results, progress=args.progress,
+        samples=args.samples, svm_layers=args.svm_layers,
+    )
+    outcome = replicate_voc(cfg)
+    report = Path(outcome["report"])
+    print(f"[replicate-voc] batch {outcome['batch']}: {len(outcome['runs'])} protocol runs stored under "
+          f"{Path(cfg.results) / 'replicate-voc'}")
+    print(f"[replicate-voc] verdicts: {report}\n[replicate-voc] table:    {report.with_name('verdicts.csv')}\n"
+          f"[replicate-voc] plots:    {report.parent / 'plots'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from replication.report import write_report
+    from replication.results import ResultsStore
+
+    store = ResultsStore(args.results)
+    batch = args.batch
+    if not batch:
+        latest = [r for r in store.load_runs(args.pipeline) if r.config.get("replication", {}).get("batch")]
+        if not latest:
+            raise FileNotFoundError(f"no {args.pipeline} runs in {store.root}; run the pipeline first")
+        batch = latest[-1].config["replication"]["batch"]
+    path = write_report(store, args.pipeline, batch)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from baselines.train import PretrainConfig
 
@@ -93,6 +149,55 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     add_eval_commands(commands)
+    add_claims_commands(commands)
+
+    replicate = commands.add_parser("replicate", help="replication pipelines").add_subparsers(
+        dest="pipeline", required=True, metavar="PIPELINE")
+    voc = replicate.add_parser(
+        "voc", help="VOC07 SVM + low-shot on MoCo-v2 and DenseCL, judged against the paper's claims",
+        description="Small scale (default, no data needed): synthetic VOC-layout data, MoCo-v2 and DenseCL "
+        "pretrained with the small_cpu preset for each seed, VOC07 SVM and low-shot (feature5), "
+        "judged against the directional claims. Paper scale: --voc-root (or $VOC_ROOT) plus --checkpoint "
+        "densecl=PATH --checkpoint mocov2=PATH (or $DENSECL_CHECKPOINT, $MOCOV2_CHECKPOINT): the full protocol, "
+        "judged against the absolute numbers. Interrupted runs resume where they stopped.",
+    )
+    voc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds (default: 0 1 2)")
+    voc.add_argument("--epochs", type=int, help="pretraining epochs (default: the small_cpu preset's)")
+    voc.add_argument("--samples", type=int, help="low-shot samples per k (default: 5)")
+    voc.add_argument("--svm-layers", type=_layer_list, help="SVM layers, comma list or 'all' (default: feature5)")
+    voc.add_argument("--voc-root", help="real VOCdevkit/VOC2007 (default: $VOC_ROOT, else synthetic)")
+    voc.add_argument("--checkpoint", action="append", metavar="METHOD=PATH",
+                     help="evaluate this checkpoint instead of pretraining (densecl=..., mocov2=...)")
+    voc.add_argument("--arch", help="architecture of the given checkpoints when their files do not say")
+    voc.add_argument("--pretrain-data", default="imagenet", help="what the given checkpoints were trained on (imagenet, coco)")
+    voc.add_argument("--pretrain-epochs", type=int, default=200, help="their pretraining epochs (default: 200)")
+    voc.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    voc.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    voc.add_argument("--runs", default="runs/replicate-voc", help="pretraining runs and pipeline state")
+    voc.add_argument("--results", default="results", help="results store (default: results)")
+    voc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    voc.set_defaults(func=cmd_replicate_voc)
+
+    report = commands.add_parser("report", help="verdicts, tables and plots for a pipeline batch",
+                                 description="Judge every claim against the stored runs of one pipeline batch "
+                                 "(default: the latest) and store the report (report.md, verdicts.csv, plots).")
+    report.add_argument("batch", nargs="?", help="batch id (default: the latest)")
+    report.add_argument("--latest", action="store_true", help="the latest batch (the default)")
+    report.add_argument("--pipeline", default="replicate-voc")
+    report.add_argument("--results", default="results", help="results store (default: results)")
+    report.set_defaults(func=cmd_report)
+
+    regression = commands.add_parser(
+        "regression", help="CI regression: a tiny deterministic pipeline vs the committed reference",
+        description="Pretrain MoCo-v2 and DenseCL for 2 epochs on the synthetic images, run the VOC07 SVM and "
+        "low-shot protocols on a few costs, and compare every metric with results/reference/regression.json "
+        "within its band (exit 1 if any leaves it). --update rewrites the reference instead.",
+    )
+    regression.add_argument("--update", action="store_true", help="write a new reference (deliberate; commit it)")
+    regression.add_argument("--reference", default=str(Path("results") / "reference" / "regression.json"))
+    regression.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    regression.set_defaults(func=lambda a: __import__("replication.regression", fromlist=["run"]).run(
+        a.update, Path(a.reference), a.progress))
     return parser
 
 

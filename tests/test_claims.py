@@ -1,0 +1,267 @@
+"""The claims registry: the shipped file, its consistency, its validation errors and its commands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from replication import claims as registry
+from replication.claims import ClaimsError, check_consistency, load_claims, missing
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "replication" / "claims.csv"
+SOURCE = REPO.parent / "shared" / "paper" / "reported_numbers.csv"
+SOURCE_ROWS = 237
+NOT_FOUND_ROWS = 29
+
+REQUIRED_DIRECTIONAL = (
+    "dir.det_voc_c4.ap.densecl-vs-mocov2",
+    "dir.det_coco_mask_fpn.bbox_ap.densecl-vs-mocov2",
+    "dir.det_coco_mask_fpn.mask_ap.densecl-vs-mocov2",
+    "dir.seg_voc_fcn.miou.densecl-vs-mocov2",
+    "dir.seg_cityscapes_fcn.miou.densecl-vs-mocov2",
+    "dir.voc07_svm.map.densecl-vs-mocov2.f5",
+    *(f"dir.voc07_lowshot.map.densecl-vs-mocov2.f5.k{k}" for k in (1, 2, 4, 8, 16, 32, 64, 96)),
+    *(f"dir.knn_in1k.top1.densecl-vs-mocov2.f5.k{k}" for k in (10, 20, 100, 200)),
+    "dir.linear_in1k.top1.densecl-vs-mocov2.f5",
+    "dir.pretrain_overhead.step_time.densecl-vs-mocov2",
+)
+VOC_DET_DELTA = "cvpr_abstract.det_voc_c4.delta_ap.densecl-vs-mocov2.coco800"
+VOC_SEG_DELTA = "cvpr_abstract.seg_voc_fcn.delta_miou.densecl-vs-mocov2.coco800"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> list[registry.Claim]:
+    return load_claims(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def by_id(shipped) -> dict[str, registry.Claim]:
+    return {c.claim_id: c for c in shipped}
+
+
+def rewrite(tmp_path: Path, mutate) -> Path:
+    """A copy of the shipped file with `mutate(rows)` applied to its parsed rows (rows[0] is the header)."""
+    with SHIPPED.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    mutate(rows)
+    path = tmp_path / "claims.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+    return path
+
+
+def set_cell(rows: list[list[str]], index: int, column: str, value: str) -> None:
+    rows[index][rows[0].index(column)] = value
+
+
+# ---- the shipped registry ----------------------------------------------------------------------------------------
+
+def test_shipped_registry_loads_and_is_consistent(shipped):
+    assert check_consistency(shipped) == []
+
+
+def test_default_path_is_the_shipped_file():
+    assert [c.claim_id for c in load_claims()] == [c.claim_id for c in load_claims(SHIPPED)]
+
+
+def test_one_row_per_source_row_plus_directional_claims(shipped):
+    directional = [c for c in shipped if c.kind == "directional"]
+    assert len(shipped) - len(directional) == SOURCE_ROWS
+    assert len(shipped) == SOURCE_ROWS + len(directional)
+    assert {c.scale for c in shipped if c.kind != "directional"} == {"paper"}
+    assert {c.scale for c in directional} == {"any"}
+
+
+def test_ids_are_unique_and_readable(shipped):
+    ids = [c.claim_id for c in shipped]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[a-z0-9_.+-]+", i) for i in ids)
+    assert "readme.det_voc_c4.ap.densecl.coco800" in ids
+
+
+@pytest.mark.skipif(not SOURCE.exists(), reason="shared/paper/reported_numbers.csv is not next to the repo")
+def test_regenerating_gives_the_same_bytes():
+    from replication.build_claims import build
+
+    assert build(SOURCE) == SHIPPED.read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not SOURCE.exists(), reason="shared/paper/reported_numbers.csv is not next to the repo")
+def test_values_equal_the_source_rows(shipped):
+    with SOURCE.open(newline="", encoding="utf-8") as handle:
+        source = list(csv.DictReader(handle))
+    transcribed = [c for c in shipped if c.kind != "directional"]
+    assert [c.value_text for c in transcribed] == [r["value"] for r in source]
+    assert [c.source for c in transcribed] == [r["source"] for r in source]
+
+
+def test_every_value_is_written_in_its_source_cell(shipped):
+    for claim in shipped:
+        if claim.value is not None:
+            numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", claim.value_text)]
+            assert numbers and claim.value == numbers[0], claim.claim_id
+
+
+def test_not_transcribed_rows_are_reported_missing(shipped):
+    absent = missing(shipped)
+    assert all(c.value is None and not c.verified and c.value_text == "NA" for c in absent)
+    assert sum(c.notes.startswith("NOT FOUND") for c in absent) == NOT_FOUND_ROWS
+    assert {c.claim_id for c in shipped if c.value_text == "NA"} == {c.claim_id for c in absent}
+
+
+def test_abstract_deltas_equal_the_readme_rows(by_id):
+    det, seg = by_id[VOC_DET_DELTA], by_id[VOC_SEG_DELTA]
+    assert (det.value, seg.value) == (2.0, 3.0)
+    assert [by_id[i].value for i in det.derived_from] == [56.7, 54.7]
+    assert [by_id[i].value for i in seg.derived_from] == [67.5, 64.5]
+
+
+@pytest.mark.parametrize("claim_id, wrong", [(VOC_DET_DELTA, 2.5), (VOC_SEG_DELTA, 2.0)])
+def test_a_delta_that_disagrees_with_its_rows_is_a_problem(shipped, claim_id, wrong):
+    altered = [dataclasses.replace(c, value=wrong) if c.claim_id == claim_id else c for c in shipped]
+    problems = check_consistency(altered)
+    assert problems[0].startswith(f"{claim_id}: delta") and all(claim_id in p for p in problems)
+
+
+def test_directional_claims_cite_existing_rows_and_agree_with_them(by_id):
+    for claim_id in REQUIRED_DIRECTIONAL:
+        claim = by_id[claim_id]
+        assert claim.kind == "directional" and claim.value is None and claim.baseline == "MoCo-v2"
+        assert claim.derived_from and all(i in by_id for i in claim.derived_from)
+        assert claim.notes
+    assert by_id["dir.voc07_svm.map.densecl-vs-mocov2.f5"].comparator == "<"
+    speed = by_id["dir.pretrain_overhead.step_time.densecl-vs-mocov2"]
+    assert (speed.comparator, speed.factor) == ("<", 1.01)
+
+
+def test_a_directional_claim_its_numbers_contradict_is_a_problem(shipped):
+    flipped = [dataclasses.replace(c, relation=">") if c.claim_id == "dir.voc07_svm.map.densecl-vs-mocov2.f5" else c
+               for c in shipped]
+    problems = check_consistency(flipped)
+    assert problems and all("dir.voc07_svm" in p and "82.5" in p for p in problems)
+
+
+def test_a_directional_claim_citing_an_unknown_row_is_a_problem(shipped):
+    target = "dir.seg_voc_fcn.miou.densecl-vs-mocov2"
+    broken = [dataclasses.replace(c, derived_from=("no.such.claim",)) if c.claim_id == target else c for c in shipped]
+    assert check_consistency(broken) == [f"{target}: derived_from names unknown claim(s) no.such.claim"]
+
+
+def test_listed_trials_must_match_their_mean_and_std(shipped):
+    moco = next(c for c in shipped if c.value_text == "67.5 +- 0.1")
+    assert check_consistency([moco]) == []
+    assert check_consistency([dataclasses.replace(moco, value_text="67.9 +- 0.1")])
+
+
+def test_tolerances_come_from_reported_spread_then_defaults(shipped, by_id):
+    voc = {c.metric: c for c in shipped
+           if c.source_key == "moco_det_readme" and c.method == "MoCo-v2" and c.epochs == 200}
+    assert {m: (c.tolerance, c.tolerance_basis) for m, c in voc.items()} == {
+        "AP50": (0.4, "spread_2sigma"), "AP": (0.4, "spread_2sigma"), "AP75": (0.8, "spread_2sigma")}
+    assert by_id["moco_readme.linear_in1k.top1.mocov2.in1k200.f5"].tolerance == 0.2
+    assert by_id["mmselfsup.voc07_svm.map.densecl.in1k200.f5"].tolerance_basis == "default"
+    assert set(registry.TOLERANCE_DEFAULTS) == set(registry.PROTOCOLS)
+    assert all(c.tolerance is None or c.tolerance >= 0 for c in shipped)
+
+
+def test_backbone_comes_from_the_method_when_the_protocol_text_disagrees(by_id):
+    r101 = by_id["readme.det_voc_c4.ap.densecl.r101.in1k200"]
+    assert r101.backbone == "R101" and "R50" in r101.protocol
+
+
+# ---- validation errors -------------------------------------------------------------------------------------------
+
+def test_bad_value_names_line_and_column(tmp_path):
+    path = rewrite(tmp_path, lambda rows: set_cell(rows, 5, "value", "5x.3"))
+    with pytest.raises(ClaimsError) as err:
+        load_claims(path)
+    message = str(err.value)
+    assert f"{path}:6:" in message and "'value'" in message and "'5x.3'" in message and "\n" not in message
+
+
+def test_duplicate_id_names_both_lines(tmp_path):
+    def duplicate(rows):
+        set_cell(rows, 9, "claim_id", rows[3][0])
+
+    with pytest.raises(ClaimsError, match=r":10: column 'claim_id': duplicate id .* \(first on line 4\)"):
+        load_claims(rewrite(tmp_path, duplicate))
+
+
+def test_missing_column_is_named(tmp_path):
+    def drop_tolerance(rows):
+        index = rows[0].index("tolerance")
+        for row in rows:
+            del row[index]
+
+    with pytest.raises(ClaimsError, match=r"claims\.csv:1: missing column\(s\) 'tolerance'$"):
+        load_claims(rewrite(tmp_path, drop_tolerance))
+
+
+@pytest.mark.parametrize("column, bad, expected", [
+    ("protocol_id", "voc_svm", "unknown protocol id 'voc_svm'"),
+    ("tolerance", "-0.4", "is negative"),
+    ("epochs", "800ep", "is not a whole number"),
+    ("kind", "guess", "is not one of"),
+])
+def test_other_bad_cells_name_their_column(tmp_path, column, bad, expected):
+    path = rewrite(tmp_path, lambda rows: set_cell(rows, 12, column, bad))
+    with pytest.raises(ClaimsError, match=rf":13: column '{column}': .*{re.escape(expected)}"):
+        load_claims(path)
+
+
+def test_short_row_and_missing_file_are_one_line_errors(tmp_path):
+    with pytest.raises(ClaimsError, match=r":3: expected \d+ fields, found 3$"):
+        load_claims(rewrite(tmp_path, lambda rows: rows.__setitem__(2, rows[2][:3])))
+    with pytest.raises(ClaimsError, match="cannot read"):
+        load_claims(tmp_path / "absent.csv")
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def run_claims(capsys):
+    parser = argparse.ArgumentParser(prog="densecl-bench")
+    registry.add_claims_commands(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        args = parser.parse_args(["claims", *argv])
+        code = args.func(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_claims_list_filters(run_claims):
+    code, out, _ = run_claims("list", "--protocol", "voc07_svm", "--method", "densecl")
+    assert code == 0
+    assert "mmselfsup.voc07_svm.map.densecl.in1k200.f5" in out and "openselfsup" not in out
+    code, out, _ = run_claims("list", "--missing")
+    assert code == 0 and f"\n{30} of " in out
+
+
+def test_claims_list_rejects_an_unknown_protocol(run_claims):
+    code, _, err = run_claims("list", "--protocol", "nope")
+    assert code == 1 and "unknown protocol 'nope'" in err
+
+
+def test_claims_missing_prints_the_untranscribed(run_claims):
+    code, out, _ = run_claims("missing")
+    assert code == 0 and "cvpr_paper.seg_cityscapes_fcn.miou.densecl.coco800" in out and "not transcribed" in out
+
+
+def test_claims_check_passes_on_the_shipped_file_and_fails_on_a_broken_one(run_claims, tmp_path):
+    code, out, _ = run_claims("check")
+    assert code == 0 and "consistent" in out
+    broken = rewrite(tmp_path, lambda rows: set_cell(rows, 1, "value", "2.5"))
+    code, out, _ = run_claims("check", "--file", str(broken))
+    assert code == 1 and f"problem: {VOC_DET_DELTA}" in out
+    malformed = rewrite(tmp_path, lambda rows: set_cell(rows, 1, "value", "two"))
+    code, _, err = run_claims("check", "--file", str(malformed))
+    assert code == 1 and ":2: column 'value'" in err

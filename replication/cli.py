@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from baselines.data import BadImageError
     from baselines.train import NonFiniteLossError, TrainingInterrupted
+    from replication.results import ResultsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("densecl-bench: interrupted", file=sys.stderr)
         return 130
     except (configs.ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-            BadImageError, NonFiniteLossError) as err:
+            BadImageError, NonFiniteLossError, ResultsError) as err:
         print(f"densecl-bench: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, configs.ConfigError) else 1
     except RuntimeError as err:

@@ -75,11 +75,17 @@ def _subject(args: argparse.Namespace):
     return subject
 
 
-def write_result(result, args: argparse.Namespace) -> Path:
-    """Store the run as results/eval/<run-id>/ (result.json, metrics.csv) and index it."""
+def _store(args: argparse.Namespace):
+    """The results store, checked writable before any work starts (nothing computed is lost)."""
     from replication.results import ResultsStore
 
-    record = ResultsStore(args.results).write_run("eval", result, seed=args.seed, command=["densecl-bench", *args.argv])
+    args.store = ResultsStore(args.results)
+    return args.store
+
+
+def write_result(result, args: argparse.Namespace) -> Path:
+    """Store the run as results/eval/<run-id>/ (result.json, metrics.csv) and index it."""
+    record = args.store.write_run("eval", result, seed=args.seed, command=["densecl-bench", *args.argv])
     return record.path / "result.json"
 
 
@@ -100,6 +106,7 @@ def _print_svm_table(result) -> None:
 def cmd_voc(args: argparse.Namespace, full: bool) -> int:
     from protocols import voc_svm
 
+    _store(args)
     subject = _subject(args)
     root = _data_root(args)
     cfg = voc_svm.VOCEvalConfig(layers=args.layers, batch_size=args.batch_size, workers=args.workers,
@@ -132,6 +139,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from protocols import knn
     from protocols.common import resolve_device
 
+    _store(args)
     subject = _subject(args)
     root = _data_root(args)
     cfg = knn.KNNConfig(ks=args.ks, temperature=args.temperature, train_split=args.train_split,
@@ -148,6 +156,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     from protocols import linear
     from protocols.common import resolve_device
 
+    _store(args)
     subject = _subject(args)
     root = _data_root(args)
     cfg = linear.LinearConfig(

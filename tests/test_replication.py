@@ -139,3 +139,14 @@ def test_committed_reference_is_well_formed():
     assert reference["produced_by"] == "densecl-bench regression --update"
     assert {"mocov2/final_loss", "densecl/final_loss", "densecl/feature5/mAP"} <= set(reference["metrics"])
     assert all(reference["bands"][m] > 0 for m in reference["metrics"])
+
+
+def test_unwritable_results_folder_is_a_one_line_error(tmp_path, capsys):
+    from replication.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["eval", "voc-svm", "--checkpoint", "random", "--arch", "resnet18", "--results", str(blocker / "results"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "error:" in err and str(blocker) in err

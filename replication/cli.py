@@ -90,9 +90,17 @@ def cmd_replicate_voc(args: argparse.Namespace) -> int:
     report = Path(outcome["report"])
     print(f"[replicate-voc] batch {outcome['batch']}: {len(outcome['runs'])} protocol runs stored under "
           f"{Path(cfg.results) / 'replicate-voc'}")
-    print(f"[replicate-voc] verdicts: {report}\n[replicate-voc] table:    {report.with_name('verdicts.csv')}\n"
+    text = report.read_text()
+    print(text[text.index("## Measured"):text.index("## Claims about the VOC07")].strip())
+    print(f"\n[replicate-voc] report:   {report}\n[replicate-voc] verdicts: {report.with_name('verdicts.csv')}\n"
           f"[replicate-voc] plots:    {report.parent / 'plots'}")
     return 0
+
+
+def cmd_regression(args: argparse.Namespace) -> int:
+    from replication import regression
+
+    return regression.run(args.update, Path(args.reference), args.progress)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -196,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     regression.add_argument("--update", action="store_true", help="write a new reference (deliberate; commit it)")
     regression.add_argument("--reference", default=str(Path("results") / "reference" / "regression.json"))
     regression.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    regression.set_defaults(func=lambda a: __import__("replication.regression", fromlist=["run"]).run(
-        a.update, Path(a.reference), a.progress))
+    regression.set_defaults(func=cmd_regression)
     return parser
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())

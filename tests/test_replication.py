@@ -99,8 +99,9 @@ def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pret
 @pytest.mark.slow
 def test_paper_scale_mode_judges_given_checkpoints_against_absolute_numbers(svm_voc, pretrain_images, tmp_path):
     """The real-data path, on the synthetic data laid out as VOC2007 with two small checkpoints."""
-    from baselines.train import pretrain
     from conftest import tiny_config
+
+    from baselines.train import pretrain
 
     checkpoints = {m: str(pretrain(tiny_config(pretrain_images, tmp_path / m, method=m, epochs=1, progress=False)))
                    for m in ("mocov2", "densecl")}

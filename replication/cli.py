@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from baselines import config as configs
+from baselines.convert import add_convert_command
 from replication.claims import add_claims_commands
 from replication.eval_commands import add_eval_commands
 
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     add_eval_commands(commands)
+    add_convert_command(commands)
     add_claims_commands(commands)
 
     replicate = commands.add_parser("replicate", help="replication pipelines").add_subparsers(

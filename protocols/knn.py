@@ -208,9 +208,13 @@ def weights_fingerprint(backbone: Backbone) -> str:
     return digest.hexdigest()
 
 
-def feature_identity(backbone: Backbone, checkpoint: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
-    """(checkpoint provenance, the string that keys cached features for these weights)."""
-    info = checkpoint_info(checkpoint)
+def feature_identity(backbone: Backbone, checkpoint: str | os.PathLike | dict | None) -> tuple[dict[str, Any], str]:
+    """(checkpoint provenance, the string that keys cached features for these weights).
+
+    `checkpoint` is a path, None (no file), or provenance already computed by the caller
+    (`protocols.common.BackboneUnderTest.info`), which saves hashing the file twice.
+    """
+    info = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint_info(checkpoint)
     if info["sha256"]:
         return info, info["sha256"]
     # "random-init" alone would let two different random backbones share one cache entry.
@@ -253,7 +257,7 @@ def run(
     backbone: Backbone,
     cfg: KNNConfig,
     data: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | dict | None = None,
 ) -> ProtocolResult:
     """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1)."""
     default_train, default_test = default_splits(data)

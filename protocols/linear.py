@@ -412,7 +412,7 @@ def run(
     backbone: Backbone,
     cfg: LinearConfig,
     data: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | dict | None = None,
     out: str | os.PathLike | None = None,
 ) -> ProtocolResult:
     """Train the heads on `train_split` and report top-1/top-5 per head on `test_split`.

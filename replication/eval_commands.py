@@ -124,12 +124,6 @@ def cmd_voc(args: argparse.Namespace, full: bool) -> int:
     return 0
 
 
-def _checkpoint_path(args: argparse.Namespace) -> str | None:
-    from protocols.common import RANDOM_INIT
-
-    return None if args.checkpoint == RANDOM_INIT else args.checkpoint
-
-
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     print(title)
     for name, value in metrics.items():
@@ -146,8 +140,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     cfg = knn.KNNConfig(ks=args.ks, temperature=args.temperature, train_split=args.train_split,
                         test_split=args.test_split, batch_size=args.batch_size, workers=args.workers,
                         device=str(resolve_device(args.device)), cache_dir=args.cache_dir, progress=args.progress)
-    result = knn.run(subject.backbone, cfg, root, checkpoint=_checkpoint_path(args))
-    result.checkpoint = subject.info
+    result = knn.run(subject.backbone, cfg, root, checkpoint=subject.info)
     _print_metrics(f"weighted k-NN (T={args.temperature}; {result.dataset['splits']})", result.metrics)
     print(f"result: {write_result(result, args)}")
     return 0
@@ -166,8 +159,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         test_split=args.test_split, seed=args.seed, workers=args.workers, device=str(resolve_device(args.device)),
         eval_every=args.eval_every, progress=args.progress,
     )
-    result = linear.run(subject.backbone, cfg, root, checkpoint=_checkpoint_path(args), out=args.state_dir)
-    result.checkpoint = subject.info
+    result = linear.run(subject.backbone, cfg, root, checkpoint=subject.info, out=args.state_dir)
     _print_metrics(f"linear probe ({args.variant}; {result.config.get('epochs')} epochs)", result.metrics)
     print(f"result: {write_result(result, args)}")
     return 0

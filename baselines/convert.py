@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib.metadata
 import os
 import pickle
@@ -31,6 +30,7 @@ from baselines.checkpoints import (
     read_checkpoint_file,
     summarize_keys,
 )
+from baselines.files import file_sha256
 
 TARGETS: dict[str, str] = {
     "detectron2": "detectron2 .pkl (convert-pretrain-to-detectron2.py renames, matching_heuristics)",
@@ -153,14 +153,6 @@ def default_out_path(path: str | os.PathLike, to: str) -> Path:
     target = _check_target(to)
     path = Path(path)
     return path.with_name(f"{path.stem}_{target}{'.pkl' if target == 'detectron2' else '.pth'}")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- one builder per target

@@ -7,11 +7,12 @@ every protocol records the same fields (DESIGN.md, "Interfaces").
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from baselines.files import file_sha256
 
 
 @dataclass
@@ -26,14 +27,6 @@ class ProtocolResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_info(path: str | os.PathLike | None, detected_format: str | None = None) -> dict[str, Any]:

@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from baselines.data import BadImageError
     from baselines.train import NonFiniteLossError, TrainingInterrupted
+    from protocols.transfer import MMStackMissing, WeightTransferError
     from replication.results import ResultsError
 
     parser = build_parser()
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print("densecl-bench: interrupted", file=sys.stderr)
         return 130
     except (configs.ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-            BadImageError, NonFiniteLossError, ResultsError) as err:
+            BadImageError, NonFiniteLossError, ResultsError, MMStackMissing, WeightTransferError,
+            FloatingPointError) as err:
         print(f"densecl-bench: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, configs.ConfigError) else 1
     except RuntimeError as err:

@@ -234,3 +234,145 @@ def add_eval_commands(commands) -> None:
     lin.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (default: only at the end)")
     lin.add_argument("--state-dir", help="folder for the resumable head/optimizer state (nothing lost on interrupt)")
     lin.set_defaults(func=cmd_linear)
+
+    add_dense_commands(protocols)
+
+
+DENSE_TASKS = {"detection": ("voc-c4", "coco-fpn"), "segmentation": ("voc-fcn", "cityscapes-fcn")}
+
+
+def default_dense_data(task: str, progress: bool = True) -> Path:
+    """The synthetic dataset in the layout `task` reads: VOC, or COCO/Cityscapes copies of the same scenes."""
+    from protocols.common import default_voc_root
+    from protocols.datasets import dense
+
+    root = default_voc_root(progress=progress)
+    if task == "coco-fpn":
+        return dense.synthetic_coco(root)
+    if task == "cityscapes-fcn":
+        return dense.synthetic_cityscapes(root)
+    return root
+
+
+SYNTHETIC_SPLITS = {"voc-c4": ("trainval", "test"), "coco-fpn": ("train2017", "val2017"),
+                    "voc-fcn": ("train", "val"), "cityscapes-fcn": ("train", "val")}
+
+
+def _dense_setup(args: argparse.Namespace) -> tuple[list[Path], dict]:
+    """Data roots and preset: the synthetic set with the `small` preset unless --data is given."""
+    overrides: dict = {}
+    if args.data:
+        roots = [Path(p) for p in args.data]
+        for root in roots:
+            if not root.is_dir():
+                raise FileNotFoundError(f"data folder {root} does not exist")
+        preset = args.preset or "reference"
+    else:
+        roots = [default_dense_data(args.task, args.progress)]
+        preset = args.preset or "small"
+        overrides["train_split"], overrides["test_split"] = SYNTHETIC_SPLITS[args.task]
+        print(f"[eval] no --data given: using the synthetic {args.task} data in {roots[0]} ({preset} preset)",
+              file=sys.stderr)
+    return roots, {"preset": preset, **overrides}
+
+
+def _work_dir(args: argparse.Namespace, subject) -> Path:
+    if args.work_dir:
+        return Path(args.work_dir)
+    weights = (subject.info.get("sha256") or f"random-{subject.info['arch']}")[:12]
+    return Path("runs") / "eval" / args.task / f"{weights}-{args.mode}-seed{args.seed}"
+
+
+def cmd_dense(args: argparse.Namespace, kind: str) -> int:
+    import warnings
+
+    from protocols import detection, segmentation
+    from protocols.common import resolve_device
+    from protocols.transfer import require_mm_stack
+
+    require_mm_stack("mmdet" if kind == "detection" else "mmseg")
+    _store(args)
+    subject = _subject(args)
+    roots, base = _dense_setup(args)
+    module = detection if kind == "detection" else segmentation
+    common = dict(mode=args.mode, iterations=args.iterations, batch_size=args.total_batch, lr=args.lr,
+                  seed=args.seed, workers=args.workers, device=str(resolve_device(args.device)),
+                  save_every=args.save_every, train_split=args.train_split or base.get("train_split"),
+                  test_split=args.test_split or base.get("test_split"))
+    if kind == "detection":
+        cfg = module.make_config(args.task, base["preset"], rois_per_image=args.rois_per_image,
+                                 test_proposals=args.test_proposals, difficult=args.difficult, **common)
+        data = roots
+    else:
+        if len(roots) != 1:
+            raise ValueError(f"segmentation takes one --data root, got {len(roots)}")
+        cfg = module.make_config(args.task, base["preset"], crop_size=args.crop_size, aug_split=args.aug_split,
+                                 check_counts=args.check_counts, **common)
+        data = roots[0]
+    work_dir = _work_dir(args, subject)
+    print(f"[eval] {kind} {args.task} ({args.mode}, {base['preset']} preset): state in {work_dir}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=".*reference protocol.*")
+        result = module.run(subject, data, cfg, work_dir, progress=args.progress)
+    title = f"{kind} {args.task}, {args.mode} ({result.dataset['name']}, {result.dataset['splits']})"
+    _print_metrics(title, result.metrics)
+    print(f"result: {write_result(result, args)}")
+    return 0
+
+
+def _dense_arguments(parser: argparse.ArgumentParser, tasks: tuple[str, ...]) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint in any supported layout, or 'random' for a random-init baseline")
+    parser.add_argument("--arch", help="backbone architecture (default: from the checkpoint; resnet50 for 'random')")
+    parser.add_argument("--task", choices=tasks, default=tasks[0], help=f"default: {tasks[0]}")
+    parser.add_argument("--mode", choices=("finetune", "frozen"), default="finetune",
+                        help="finetune: nothing frozen (the paper); frozen: backbone stages fixed, BN in eval (journal)")
+    parser.add_argument("--data", nargs="+", metavar="ROOT",
+                        help="dataset root(s) (default: the synthetic scenes in this task's layout)")
+    parser.add_argument("--preset", choices=("reference", "small"),
+                        help="reference: the published protocol; small: CPU scale "
+                        "(default: reference with --data, small on the synthetic data)")
+    parser.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
+    parser.add_argument("--total-batch", type=int, help="images per iteration over all devices (default: the preset's)")
+    parser.add_argument("--lr", type=float, help="base learning rate (default: the preset's)")
+    parser.add_argument("--train-split", help="training list (default: the task's)")
+    parser.add_argument("--test-split", help="test list (default: the task's)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data order, augmentation and new layers")
+    parser.add_argument("--save-every", type=int, default=50, help="iterations between resumable state saves (default: 50)")
+    parser.add_argument("--work-dir", help="resumable training state (default: runs/eval/<task>/<weights>-<mode>-seed<N>)")
+    parser.add_argument("--results", default="results", help="results store (default: results)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_dense_commands(protocols) -> None:
+    det = protocols.add_parser(
+        "detection", help="detection transfer on mmdet: VOC Faster R-CNN R50-C4, COCO Mask R-CNN R50-FPN (spec §4.2-4.3)",
+        description="Fine-tune a detector from the checkpoint's backbone (every backbone key must load) and test it. "
+        "voc-c4: Faster R-CNN C4 on VOC07(+12) trainval, res5 + extra norm as the RoI head, tested on VOC07 test: "
+        "AP50 (11-point, MMSelfSup's number), AP over IoU .50:.95 and AP75 (the paper's detectron2 numbers). "
+        "Pass --data VOCdevkit/VOC2007 VOCdevkit/VOC2012 for 07+12. coco-fpn: Mask R-CNN FPN 1x on COCO "
+        "(--data the folder with annotations/, train2017/, val2017/): box and mask AP. Settings that differ "
+        "from the reference (batch, LR, iterations, sizes, SyncBN) are warned about and recorded. Needs the "
+        "OpenMMLab stack (README 'Dense protocols').")
+    _dense_arguments(det, DENSE_TASKS["detection"])
+    det.add_argument("--rois-per-image", type=int, help="RoI head samples per image (reference 512)")
+    det.add_argument("--test-proposals", type=int, help="RPN proposals per test image (reference 1000)")
+    det.add_argument("--difficult", choices=("ignore", "train"),
+                     help="VOC 'difficult' boxes: ignore (mmdet, default) or train on them (detectron2)")
+    det.set_defaults(func=lambda a: cmd_dense(a, "detection"))
+
+    seg = protocols.add_parser(
+        "segmentation", help="semantic segmentation transfer on mmseg: FCN-D8 on VOC12aug and Cityscapes (spec §4.4)",
+        description="Fine-tune FCN-D8 (plain 7x7-stem ResNet, output stride 8, aux head on res4) from the "
+        "checkpoint's backbone and report mIoU as mmseg computes it. voc-fcn: --data VOCdevkit/VOC2012 with "
+        "SegmentationClass and SegmentationClassAug plus ImageSets/Segmentation/{train,aug,val}.txt "
+        "(10,582 training images, checked); cityscapes-fcn: --data the folder with leftImg8bit/ and gtFine/ "
+        "(*_gtFine_labelTrainIds.png). Needs the OpenMMLab stack (README 'Dense protocols').")
+    _dense_arguments(seg, DENSE_TASKS["segmentation"])
+    seg.add_argument("--crop-size", type=int, help="training crop (reference 512 VOC, 769 Cityscapes)")
+    seg.add_argument("--aug-split", help="VOC: extra list read from SegmentationClassAug (reference 'aug'; '' for none)")
+    seg.add_argument("--no-check-counts", dest="check_counts", action="store_false", default=None,
+                     help="run even when the training/test sets do not have the reference sizes")
+    seg.set_defaults(func=lambda a: cmd_dense(a, "segmentation"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from baselines.train import PretrainConfig
 from protocols.datasets import synthetic
@@ -50,3 +51,17 @@ def tiny_config(data: Path, out: Path, **overrides) -> PretrainConfig:
     )
     values.update(overrides)
     return PretrainConfig(**values)
+
+
+def with_random_statistics(backbone: nn.Module, seed: int) -> nn.Module:
+    """Random BN affine parameters and running statistics: a swapped or dropped tensor changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.1, generator=generator)
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
+    return backbone.eval()

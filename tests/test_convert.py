@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import with_random_statistics
 from torch import nn
 
 from baselines.backbone import FEATURE_NAMES, create_backbone
@@ -29,20 +30,6 @@ from baselines.convert import (
 from baselines.densecl import DenseCL
 
 ARCH = "resnet18"
-
-
-def with_random_statistics(backbone: nn.Module, seed: int) -> nn.Module:
-    """Random BN affine parameters and running statistics: a swapped or dropped tensor changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in backbone.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-                module.bias.normal_(0.0, 0.1, generator=generator)
-                module.running_mean.normal_(0.0, 0.1, generator=generator)
-                module.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
-    return backbone.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)

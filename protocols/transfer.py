@@ -1,0 +1,321 @@
+"""What the detection and segmentation protocols share: fine-tuning a pretrained backbone inside an
+OpenMMLab model, with the parts users get wrong made loud.
+
+- `require_mm_stack`: the core package works without mmcv/mmdet/mmseg; the dense commands say
+  exactly how to install them.
+- `transfer_backbone_weights`: every backbone key of the checkpoint must land in the model and every
+  backbone parameter of the model must come from the checkpoint (the authors' fork loads with
+  `strict=False` and no logging, spec protocols.md §4.4 "Weight loading is silent").
+- `Schedule` + `train`: a plain SGD loop (linear warm-up, then step or poly decay as mmdet/mmseg
+  schedules define them), checkpointed every few iterations so an interrupted run resumes.
+- `deviations`: how a run differs from the reference protocol (batch, LR, iterations, sizes, norm),
+  written into every result and warned about: most reproduction gaps users report come from these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from baselines.train import TrainingInterrupted, atomic_save
+
+INSTALL_HINT = ("install the OpenMMLab stack: `pip install -e '.[dense]'` then "
+                "`python scripts/install_mm_stack.py` (builds and caches mmcv 2.1.0 with its ops; README 'Dense protocols')")
+RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+class MMStackMissing(RuntimeError):
+    """mmcv (with compiled ops), mmdet or mmsegmentation is not importable."""
+
+
+class WeightTransferError(RuntimeError):
+    """The checkpoint's backbone does not fit the model exactly; the message lists the keys."""
+
+
+def require_mm_stack(package: str) -> None:
+    """Import mmcv's compiled ops and `package` (mmdet or mmseg), or fail with the install command."""
+    try:
+        import mmcv  # noqa: F401
+        from mmcv.ops import nms  # noqa: F401  (mmcv-lite lacks the compiled ops)
+    except ImportError as err:
+        raise MMStackMissing(f"the dense protocols need mmcv 2.1.0 with compiled ops ({err}); {INSTALL_HINT}") from None
+    try:
+        __import__(package)
+    except ImportError as err:
+        raise MMStackMissing(f"the dense protocols need {package} ({err}); {INSTALL_HINT}") from None
+
+
+def quiet_mm_logging() -> None:
+    """Make a WARNING-level MMLogger the current one: mmdet/mmseg print init and metric tables at INFO."""
+    from mmengine.logging import MMLogger
+
+    if not MMLogger.check_instance_created("densecl-bench"):
+        MMLogger.get_instance("densecl-bench", log_level="WARNING")
+
+
+def resnet_depth(arch: str) -> int:
+    """The mmdet/mmseg `ResNet(depth=...)` equal to our torchvision-style ResNet `arch`."""
+    if arch not in RESNET_DEPTHS:
+        raise ValueError(f"the dense protocols take a torchvision-style ResNet ({', '.join(RESNET_DEPTHS)}); "
+                         f"the checkpoint is a {arch}")
+    return RESNET_DEPTHS[arch]
+
+
+def transfer_backbone_weights(model: nn.Module, backbone_state: Mapping[str, torch.Tensor],
+                              place: Callable[[str], str], owned: tuple[str, ...]) -> dict[str, Any]:
+    """Copy a torchvision-keyed backbone state into `model`, strictly, and say what was loaded.
+
+    `place` maps a backbone key (`layer4.0.conv1.weight`) to its model key (`backbone.layer4...` or,
+    for C4, `roi_head.shared_head.layer4...`). `owned` are the model prefixes the backbone must fill
+    completely; a model key under them that the checkpoint does not provide is an error, except the
+    norm layers the protocol adds (they are listed by the caller as prefixes outside `owned`).
+    """
+    model_state = model.state_dict()
+    placed = {place(key): value for key, value in backbone_state.items()}
+    nowhere = sorted(k for k in placed if k not in model_state)
+    if nowhere:
+        raise WeightTransferError(f"{len(nowhere)} checkpoint key(s) have no place in the model, e.g. {nowhere[:4]}: "
+                                  "is the checkpoint a different architecture than --arch?")
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+              for k, v in placed.items() if tuple(v.shape) != tuple(model_state[k].shape)]
+    if shapes:
+        raise WeightTransferError(f"{len(shapes)} backbone tensor(s) differ in shape, e.g. {shapes[:3]}")
+    expected = [k for k in model_state if k.startswith(owned)]
+    missing = sorted(k for k in expected if k not in placed)
+    if missing:
+        raise WeightTransferError(f"{len(missing)} backbone key(s) of the model are not in the checkpoint, "
+                                  f"e.g. {missing[:4]}: the run would train them from random init")
+    result = model.load_state_dict(placed, strict=False)
+    if result.unexpected_keys:  # cannot happen after the checks above; kept as the last line of defence
+        raise WeightTransferError(f"unexpected keys while loading: {result.unexpected_keys[:4]}")
+    return {"loaded_tensors": len(placed), "into": sorted({".".join(k.split(".")[:2]) for k in placed}),
+            "model_backbone_tensors": len(expected)}
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Top-level module paths (two levels deep) whose parameters train / stay frozen, for the record."""
+    trained: set[str] = set()
+    frozen: set[str] = set()
+    for name, param in model.named_parameters():
+        group = ".".join(name.split(".")[:2]) if name.split(".")[0] in ("backbone", "roi_head") else name.split(".")[0]
+        (trained if param.requires_grad else frozen).add(group)
+    return {"trained": sorted(trained), "frozen": sorted(frozen - trained), "partly_frozen": sorted(frozen & trained)}
+
+
+def batchnorm_in_eval(module: nn.Module) -> bool:
+    return all(not m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """SGD with linear warm-up (factor `warmup_ratio` -> 1) then step decay or poly decay, per iteration."""
+
+    iterations: int
+    lr: float
+    weight_decay: float
+    momentum: float = 0.9
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-3
+    policy: str = "step"  # "step" (mmdet MultiStepLR) or "poly" (mmseg PolyLR)
+    steps: tuple[int, ...] = ()
+    gamma: float = 0.1
+    power: float = 0.9
+    min_lr: float = 1e-4
+
+    def lr_at(self, iteration: int) -> float:
+        if self.policy == "step":
+            lr = self.lr * self.gamma ** sum(iteration >= s for s in self.steps)
+        elif self.policy == "poly":
+            lr = (self.lr - self.min_lr) * (1 - iteration / self.iterations) ** self.power + self.min_lr
+        else:
+            raise ValueError(f"unknown LR policy {self.policy!r}")
+        if iteration < self.warmup_iters:
+            lr *= self.warmup_ratio + (1 - self.warmup_ratio) * iteration / self.warmup_iters
+        return lr
+
+
+def deviations(actual: Mapping[str, Any], reference: Mapping[str, Any], label: str) -> list[str]:
+    """One line per setting where this run differs from the reference protocol; each is also warned."""
+    lines = [f"{key}: {actual.get(key)!r} here, {ref!r} in {label}" for key, ref in reference.items()
+             if actual.get(key) != ref]
+    for line in lines:
+        warnings.warn(f"{label}: {line}", stacklevel=3)
+    return lines
+
+
+def config_digest(values: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def infinite_batches(size: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
+    """Batches of (iteration, index) over a reshuffled-per-epoch order; batch i depends only on (seed, i)."""
+    if size < batch_size:
+        raise ValueError(f"the training set has {size} images, fewer than one batch of {batch_size}")
+    per_epoch = size // batch_size
+    iteration = start
+    while True:
+        epoch, within = divmod(iteration, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(size)
+        yield [(iteration, int(i)) for i in order[within * batch_size:(within + 1) * batch_size]]
+        iteration += 1
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Seeds python/numpy/torch from (seed, iteration, index) before each sample's random transforms,
+    so an interrupted run resumes with exactly the augmentation it would have had, with any workers."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        iteration, index = key
+        _seed_all(_derived_seed(self.seed, iteration, index))
+        return self.dataset[index]
+
+
+def _derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batch_size: int, seed: int,
+          state_path: Path, digest: str, save_every: int = 50, workers: int = 0, progress: bool = True,
+          desc: str = "fine-tune") -> dict[str, Any]:
+    """Train `model` (an mmengine BaseModel: data_preprocessor + `loss`) for `schedule.iterations`.
+
+    State (model, optimizer, iteration, loss log) is saved atomically every `save_every` iterations
+    and at the end; a second call with the same `digest` resumes from it (a finished run returns at
+    once). Returns {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ...}.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    start, losses, seconds = 0, [], 0.0
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("digest") != digest:
+            raise RuntimeError(f"{state_path} belongs to a different run configuration; remove it or choose another --work-dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses, seconds = state["iteration"], state["losses"], state["seconds"]
+    resumed_from = start
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    if start >= schedule.iterations:
+        return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from}
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset, seed), batch_sampler=infinite_batches(len(dataset), batch_size, seed, start),
+        collate_fn=collate, num_workers=workers)
+
+    def save(iteration: int) -> None:
+        atomic_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "iteration": iteration, "losses": losses, "seconds": seconds}, state_path)
+
+    model.train()
+    bar = tqdm(total=schedule.iterations, initial=start, desc=desc, unit="it", disable=not progress,
+               mininterval=2.0, file=sys.stderr)
+    batches = iter(loader)
+    completed = start
+    try:
+        for iteration in range(start, schedule.iterations):
+            tic = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr_at(iteration)
+            batch = next(batches)
+            _seed_all(_derived_seed(seed, iteration, 2**31))  # RoI sampling, dropout: a function of the iteration
+            data = model.data_preprocessor(batch, training=True)
+            loss_terms = model(**data, mode="loss")
+            loss, log = model.parse_losses(loss_terms)
+            if not math.isfinite(loss.item()):
+                save(iteration)
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at iteration {iteration} "
+                                         f"({', '.join(f'{k}={float(v):.3g}' for k, v in log.items())}); lower the LR")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append([iteration, round(loss.item(), 5)])
+            completed = iteration + 1
+            seconds += time.perf_counter() - tic
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if (iteration + 1) % save_every == 0 or iteration + 1 == schedule.iterations:
+                save(iteration + 1)
+    except KeyboardInterrupt:
+        bar.close()
+        save(completed)
+        raise TrainingInterrupted(f"{desc}: interrupted after iteration {completed}; the state is in {state_path}: "
+                                  "run the same command to resume") from None
+    bar.close()
+    return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from}
+
+
+def _thin(losses: list[list[float]], keep: int = 200) -> list[list[float]]:
+    """At most `keep` evenly spaced points of the loss curve (plus the last), for the result file."""
+    step = max(1, len(losses) // keep)
+    thinned = losses[::step]
+    if losses and thinned[-1] != losses[-1]:
+        thinned.append(losses[-1])
+    return thinned
+
+
+def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings: dict[str, Any],
+                       reference: dict[str, Any], reference_label: str, build_model: Callable[[], nn.Module],
+                       model_cfg: dict[str, Any], place: Callable[[str], str], owned: tuple[str, ...], train_set,
+                       collate: Callable, schedule: Schedule, batch_size: int,
+                       evaluate: Callable[[nn.Module], dict[str, float]], dataset_info: dict[str, Any], work_dir: Path,
+                       device: str, seed: int, workers: int, save_every: int, progress: bool, frozen: bool,
+                       frozen_note: str):
+    """The shared body of both dense protocols: build, load loudly, check freezing, train (resumable), test."""
+    from protocols.result import ProtocolResult
+
+    started = time.perf_counter()
+    noted = deviations(settings, reference, reference_label)
+    _seed_all(seed)
+    model = build_model()
+    weights = transfer_backbone_weights(model, subject.backbone.state_dict(), place, owned)
+    model.to(device)
+    model.train()
+    groups = parameter_groups(model)
+    backbone = model.backbone
+    if frozen and (any(p.requires_grad for p in backbone.parameters()) or not batchnorm_in_eval(backbone)):
+        raise RuntimeError("frozen mode left backbone parameters trainable or BN in train mode")
+    if not frozen and groups["frozen"]:
+        raise RuntimeError(f"fine-tune mode froze {groups['frozen']}")
+    digest_values = {"protocol": protocol, "cfg": {k: v for k, v in cfg.items() if k not in ("workers", "device", "save_every")},
+                     "weights": subject.cache_id, "data": dataset_info}
+    digest = config_digest(digest_values)
+    build_seconds = time.perf_counter() - started
+    log = train(model, train_set, collate, schedule, batch_size, seed, Path(work_dir) / "state.pt", digest,
+                save_every=save_every, workers=workers, progress=progress, desc=protocol)
+    tic = time.perf_counter()
+    metrics = evaluate(model)
+    test_seconds = time.perf_counter() - tic
+    details = {"weights": weights, "parameters": groups, "frozen": frozen_note if frozen else "nothing frozen",
+               "deviations": noted, "reference": reference, "losses": _thin(log["losses"]),
+               "resumed_from_iteration": log["resumed_from"], "work_dir": str(Path(work_dir).resolve()),
+               "model": model_cfg}
+    config = {**cfg, "settings": settings, "digest": digest}
+    return ProtocolResult(protocol=protocol, metrics=metrics, config=config, dataset=dataset_info,
+                          checkpoint=subject.info, details=details,
+                          timings={"build": build_seconds, "train": log["seconds"], "test": test_seconds,
+                                   "seconds_per_iteration": log["seconds"] / max(1, len(log["losses"]))})

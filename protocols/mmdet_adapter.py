@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from protocols.transfer import quiet_mm_logging, require_mm_stack
+from protocols.transfer import quiet_mm_logging, require_mm_stack, use_mm_scope
 
 IMAGENET_RGB = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True)
 VOC_IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # detectron2's VOC AP: mean over .50:.95
@@ -34,7 +34,8 @@ def _setup() -> None:
     from mmdet.utils import register_all_modules
 
     quiet_mm_logging()
-    register_all_modules(init_default_scope=True)
+    register_all_modules(init_default_scope=False)
+    use_mm_scope("mmdet")
     if _registered:
         return
     from mmcv.cnn import build_norm_layer

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.transfer import quiet_mm_logging, require_mm_stack
+from protocols.transfer import quiet_mm_logging, require_mm_stack, use_mm_scope
 
 IGNORE_INDEX = 255
 
@@ -28,7 +28,8 @@ def _setup() -> None:
     from mmseg.utils import register_all_modules
 
     quiet_mm_logging()
-    register_all_modules(init_default_scope=True)
+    register_all_modules(init_default_scope=False)
+    use_mm_scope("mmseg")
 
 
 def fcn(depth: int, num_classes: int, frozen: bool, crop_size: int, cityscapes: bool) -> dict[str, Any]:

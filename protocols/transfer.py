@@ -67,6 +67,15 @@ def quiet_mm_logging() -> None:
         MMLogger.get_instance("densecl-bench", log_level="WARNING")
 
 
+def use_mm_scope(scope: str) -> None:
+    """Make `scope` (mmdet or mmseg) the default registry scope without mmengine's switch warning."""
+    from mmengine.registry import DefaultScope
+
+    current = DefaultScope.get_current_instance()
+    if current is None or current.scope_name != scope:
+        DefaultScope.get_instance(f"densecl-bench-{scope}-{time.monotonic_ns()}", scope_name=scope)
+
+
 def resnet_depth(arch: str) -> int:
     """The mmdet/mmseg `ResNet(depth=...)` equal to our torchvision-style ResNet `arch`."""
     if arch not in RESNET_DEPTHS:

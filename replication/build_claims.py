@@ -399,7 +399,14 @@ PROTOCOL_TEXT = {
     "linear_in1k": "linear probe on frozen GAP res5 (any scale)",
     "linear_in1k_mhead": "per-stage linear heads on frozen features (any scale)",
     "pretrain_overhead": "pretraining step time, same hardware, batch and image size",
+    "det_voc_c4_frozen": "Faster R-CNN C4 on VOC07+12 with the backbone frozen (res5 RoI head trains; any scale)",
+    "det_coco_mask_fpn_frozen": "Mask R-CNN FPN on COCO with the backbone frozen (any scale)",
+    "seg_voc_fcn_frozen": "FCN on VOC12 aug with the backbone frozen (any scale)",
+    "seg_cityscapes_fcn_frozen": "FCN on Cityscapes with the backbone frozen (any scale)",
+    "det_voc_c4_frozen_minus_finetune": "Faster R-CNN C4 VOC AP, frozen minus fine-tuned, per method (any scale)",
+    "seg_voc_fcn_frozen_minus_finetune": "FCN VOC12 aug mIoU, frozen minus fine-tuned, per method (any scale)",
 }
+JOURNAL = "Visual Informatics 7(1):30-40 abstract (DenseCL journal version)"
 
 ABSTRACT = "arXiv:2011.09157 abstract"
 DENSECL_README = "WXinlong/DenseCL README.md"
@@ -490,6 +497,27 @@ def directional_claims(ids: set[str]) -> list[dict[str, str]]:
         "DenseCL's pretraining step is less than 1% slower than MoCo-v2's on the same hardware (abstract 'only <1% "
         "slower'; README 1.0 d vs 1.0 d COCO-800, 2.3 d vs 2.3 d IN-200 on 8 V100)",
         f"{ABSTRACT}; {DENSECL_README}", "cvpr_abstract+readme"))
+    frozen_ap = f"vi_abstract.frozen_transfer.max_delta_ap.{pair}"
+    frozen_miou = f"vi_abstract.frozen_transfer.max_delta_miou.{pair}"
+    for protocol_id, metric, cited, task in (
+            ("det_voc_c4", "AP", frozen_ap, "VOC detection AP"), ("det_coco_mask_fpn", "bbox_AP", frozen_ap, "COCO box AP"),
+            ("det_coco_mask_fpn", "mask_AP", frozen_ap, "COCO mask AP"), ("seg_voc_fcn", "mIoU", frozen_miou, "VOC mIoU"),
+            ("seg_cityscapes_fcn", "mIoU", frozen_miou, "Cityscapes mIoU")):
+        rows.append(directional(
+            f"dir.{protocol_id}_frozen.{metric.lower()}.{pair}", f"{protocol_id}_frozen", metric, ">=", need(cited),
+            f"With the backbone frozen, DenseCL's {task} is at least MoCo-v2's (journal abstract: gains 'up to 3.5% AP "
+            "and 8.8% mIoU' with the frozen-backbone protocol; per-task tables and the protocol's exact definition "
+            "not retrieved)", JOURNAL, "vi_abstract"))
+    for protocol_id, metric, cited, finetuned, fine_ids in (
+            ("det_voc_c4", "AP", frozen_ap, "+2.0 AP", [f"cvpr_abstract.det_voc_c4.delta_ap.{pair}.coco800"]),
+            ("seg_voc_fcn", "mIoU", frozen_miou, "+3.0 mIoU", [f"cvpr_abstract.seg_voc_fcn.delta_miou.{pair}.coco800"])):
+        rows.append(directional(
+            f"dir.{protocol_id}_frozen_minus_finetune.{metric.lower()}.{pair}", f"{protocol_id}_frozen_minus_finetune",
+            metric, ">", need(cited, *fine_ids),
+            f"DenseCL's advantage over MoCo-v2 is larger with the backbone frozen than fine-tuned, i.e. DenseCL loses "
+            f"less {metric} when frozen (journal: up to {'+3.5 AP' if metric == 'AP' else '+8.8 mIoU'} frozen vs "
+            f"the CVPR paper's {finetuned} fine-tuned; inferred from the abstracts, not a stated per-task claim)",
+            f"{JOURNAL}; {ABSTRACT}", "vi_abstract+cvpr_abstract"))
     return rows
 
 

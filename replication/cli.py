@@ -87,14 +87,44 @@ def cmd_replicate_voc(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, runs=args.runs, results=args.results, progress=args.progress,
         samples=args.samples, svm_layers=args.svm_layers,
     )
-    outcome = replicate_voc(cfg)
+    _print_outcome("replicate-voc", replicate_voc(cfg), cfg.results)
+    return 0
+
+
+def _print_outcome(pipeline: str, outcome: dict, results: str) -> None:
     report = Path(outcome["report"])
-    print(f"[replicate-voc] batch {outcome['batch']}: {len(outcome['runs'])} protocol runs stored under "
-          f"{Path(cfg.results) / 'replicate-voc'}")
+    print(f"[{pipeline}] batch {outcome['batch']}: {len(outcome['runs'])} protocol runs stored under "
+          f"{Path(results) / pipeline}")
     text = report.read_text()
-    print(text[text.index("## Measured"):text.index("## Claims about the VOC07")].strip())
-    print(f"\n[replicate-voc] report:   {report}\n[replicate-voc] verdicts: {report.with_name('verdicts.csv')}\n"
-          f"[replicate-voc] plots:    {report.parent / 'plots'}")
+    print(text[text.index("## Measured"):text.index("## Claims about the protocols")].strip())
+    print(f"\n[{pipeline}] report:   {report}\n[{pipeline}] verdicts: {report.with_name('verdicts.csv')}\n"
+          f"[{pipeline}] plots:    {report.parent / 'plots'}")
+
+
+def _task_roots(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        task, sep, path = value.partition("=")
+        if not sep or not path:
+            raise configs.ConfigError(f"--data expects TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012), got {value!r}")
+        pairs[task] = path
+    return pairs
+
+
+def cmd_replicate_dense(args: argparse.Namespace) -> int:
+    from replication.pipelines import replicate_dense, replicate_dense_config
+
+    checkpoints = _checkpoint_pairs(args.checkpoint)
+    for method, variable in (("densecl", "DENSECL_CHECKPOINT"), ("mocov2", "MOCOV2_CHECKPOINT")):
+        if os.environ.get(variable) and method not in checkpoints:
+            checkpoints[method] = os.environ[variable]
+    cfg = replicate_dense_config(
+        seeds=tuple(args.seeds), tasks=tuple(args.tasks), modes=tuple(args.modes), det_iterations=args.det_iterations,
+        seg_iterations=args.seg_iterations, data=_task_roots(args.data), checkpoints=checkpoints, arch=args.arch,
+        pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs, workers=args.workers,
+        device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs, results=args.results,
+        progress=args.progress)
+    _print_outcome("replicate-dense", replicate_dense(cfg), cfg.results)
     return 0
 
 
@@ -187,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--results", default="results", help="results store (default: results)")
     voc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     voc.set_defaults(func=cmd_replicate_voc)
+
+    dense = replicate.add_parser(
+        "dense", help="detection and segmentation transfer, fine-tuned and frozen, judged against the claims",
+        description="Small scale (default, no data needed): the replicate-voc checkpoints of each seed (reused from "
+        "--pretrain-runs, else pretrained the same way) fine-tuned and with a frozen backbone on the synthetic scenes "
+        "(Faster R-CNN C4 and FCN-D8 by default; --tasks adds coco-fpn and cityscapes-fcn), judged against the "
+        "directional claims (DenseCL >= MoCo-v2, larger gaps when frozen). Paper scale: --data TASK=ROOT for each "
+        "task and --checkpoint METHOD=PATH: the reference protocols, judged against the absolute numbers. "
+        "Needs the OpenMMLab stack (README 'Dense protocols'). Interrupted runs resume where they stopped.")
+    dense.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    dense.add_argument("--tasks", nargs="+", default=["voc-c4", "voc-fcn"],
+                       choices=("voc-c4", "coco-fpn", "voc-fcn", "cityscapes-fcn"), help="default: voc-c4 voc-fcn")
+    dense.add_argument("--modes", nargs="+", default=["finetune", "frozen"], choices=("finetune", "frozen"))
+    dense.add_argument("--det-iterations", type=int, help="small-scale detection iterations (default: 120)")
+    dense.add_argument("--seg-iterations", type=int, help="small-scale segmentation iterations (default: 150)")
+    dense.add_argument("--data", action="append", metavar="TASK=ROOT",
+                       help="real dataset per task (voc-c4=VOC2007,VOC2012 for 07+12; coco-fpn=coco; ...)")
+    dense.add_argument("--checkpoint", action="append", metavar="METHOD=PATH",
+                       help="evaluate this checkpoint instead of pretraining (densecl=..., mocov2=...)")
+    dense.add_argument("--arch", help="architecture of the given checkpoints when their files do not say")
+    dense.add_argument("--pretrain-data", default="imagenet", help="what the given checkpoints were trained on")
+    dense.add_argument("--pretrain-epochs", type=int, default=200, help="their pretraining epochs (default: 200)")
+    dense.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    dense.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    dense.add_argument("--runs", default="runs/replicate-dense", help="training state and pipeline state")
+    dense.add_argument("--pretrain-runs", default="runs/replicate-voc",
+                       help="where the small-scale checkpoints live (default: replicate-voc's)")
+    dense.add_argument("--results", default="results", help="results store (default: results)")
+    dense.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    dense.set_defaults(func=cmd_replicate_dense)
 
     report = commands.add_parser("report", help="verdicts, tables and plots for a pipeline batch",
                                  description="Judge every claim against the stored runs of one pipeline batch "

@@ -94,11 +94,11 @@ class Job:
         return f"{self.method}-seed{self.seed}"
 
 
-def _log(message: str) -> None:
-    print(f"[replicate-voc] {message}", file=sys.stderr, flush=True)
+def _log(message: str, pipeline: str = "replicate-voc") -> None:
+    print(f"[{pipeline}] {message}", file=sys.stderr, flush=True)
 
 
-def _config_digest(cfg: ReplicateVOCConfig) -> str:
+def _config_digest(cfg) -> str:
     values = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "progress", "results", "runs")}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -132,12 +132,14 @@ class PipelineState:
         os.replace(tmp, self.path)
 
 
-def pretrain_checkpoint(job: Job, cfg: ReplicateVOCConfig) -> tuple[Path, dict[str, Any]]:
-    """Train (or resume, or reuse) the job's small-scale checkpoint; returns the backbone path and its recipe."""
+def pretrain_checkpoint(job: Job, cfg, runs: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train (or resume, or reuse) the job's small-scale checkpoint in `<runs>/<job>`; returns the backbone path
+    and its recipe. `cfg` is a pipeline config (preset, epochs, pretrain_images, workers, device, progress)."""
     overrides: dict[str, Any] = {"method": job.method, "seed": job.seed, "workers": cfg.workers, "device": cfg.device,
                                  "data": cfg.pretrain_images
                                  or str(synthetic.cached(**PRETRAIN_DATA, progress=cfg.progress) / "JPEGImages"),
-                                 "out": str(Path(cfg.runs) / job.name), "resume": "auto", "progress": cfg.progress}
+                                 "out": str(Path(runs or cfg.runs) / job.name), "resume": "auto",
+                                 "progress": cfg.progress}
     if cfg.epochs:
         overrides["epochs"] = cfg.epochs
     pretrain_cfg = configs.resolve(PretrainConfig, cfg.preset, overrides)
@@ -216,3 +218,169 @@ def replicate_voc_config(**values) -> ReplicateVOCConfig:
     """A config from keyword values (CLI), ignoring None."""
     fields = {f.name for f in dataclasses.fields(ReplicateVOCConfig)}
     return ReplicateVOCConfig(**{k: v for k, v in values.items() if k in fields and v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- replicate-dense
+
+DENSE_TASKS = ("voc-c4", "coco-fpn", "voc-fcn", "cityscapes-fcn")
+# A 256-scene prefix of the evaluation set (image i depends only on (seed, i)): ~128 train / ~128 test images.
+DENSE_DATA = dict(images=256, size=96, seed=0)
+SMALL_DENSE_ITERATIONS = {"det": 120, "seg": 150}  # ~25 min for the default 2 tasks x 2 modes x 6 checkpoints
+SYNTHETIC_SPLITS = {"voc-c4": ("trainval", "test"), "coco-fpn": ("train2017", "val2017"),
+                    "voc-fcn": ("train", "val"), "cityscapes-fcn": ("train", "val")}
+
+
+@dataclass
+class ReplicateDenseConfig:
+    """Small scale by default: the replicate-voc checkpoints (reused, or pretrained the same way) fine-tuned
+    and frozen on the synthetic scenes; paper scale with `checkpoints` and a real root per task in `data`."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    tasks: tuple[str, ...] = ("voc-c4", "voc-fcn")  # CPU-sized default; add coco-fpn, cityscapes-fcn
+    modes: tuple[str, ...] = ("finetune", "frozen")
+    det_iterations: int | None = None  # None: 120 at small scale, the reference's at paper scale
+    seg_iterations: int | None = None  # None: 150 at small scale, the reference's at paper scale
+    synthetic_images: int = DENSE_DATA["images"]  # small scale: scenes generated (half train, half test)
+    preset: str = "small_cpu"
+    pretrain_images: str = ""
+    epochs: int = 0
+    pretrain_runs: str = "runs/replicate-voc"  # where replicate-voc keeps its checkpoints (reused when finished)
+    data: dict[str, str] = field(default_factory=dict)  # task -> real dataset root (paper scale)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    pretrain_data: str = "imagenet"
+    pretrain_epochs: int = 200
+    arch: str = ""
+    workers: int = 2
+    device: str = "auto"
+    runs: str = "runs/replicate-dense"
+    results: str = "results"
+    progress: bool = True
+
+    @property
+    def scale(self) -> str:
+        return "paper" if self.checkpoints and self.data else "small"
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.checkpoints) - set(METHODS))
+        if unknown:
+            raise configs.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        bad_tasks = sorted(set(self.tasks) - set(DENSE_TASKS)) + sorted(set(self.data) - set(DENSE_TASKS))
+        if bad_tasks:
+            raise configs.ConfigError(f"unknown task(s) {bad_tasks}; choose from {', '.join(DENSE_TASKS)}")
+        bad_modes = sorted(set(self.modes) - {"finetune", "frozen"})
+        if bad_modes or not self.modes:
+            raise configs.ConfigError(f"modes must be finetune and/or frozen, got {list(self.modes)}")
+        if not self.seeds:
+            raise configs.ConfigError("no seeds given")
+        if self.checkpoints and set(self.checkpoints) != set(self.methods):
+            raise configs.ConfigError(f"give a checkpoint for each of {', '.join(self.methods)}")
+        if self.data and set(self.data) != set(self.tasks):
+            raise configs.ConfigError(f"give a dataset root for each task ({', '.join(self.tasks)}) or none")
+        for path in [*self.checkpoints.values(), *self.data.values()]:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"not found: {path}")
+
+
+def _dense_data(task: str, cfg: ReplicateDenseConfig) -> tuple[list[Path], dict[str, Any]]:
+    """(roots, config overrides) of `task`: the given root, or the synthetic scenes in the task's layout."""
+    from protocols.datasets import dense
+
+    if cfg.data:
+        return [Path(p) for p in cfg.data[task].split(",")], {}
+    root = synthetic.cached(**{**DENSE_DATA, "images": cfg.synthetic_images}, progress=cfg.progress)
+    if task == "coco-fpn":
+        root = dense.synthetic_coco(root)
+    elif task == "cityscapes-fcn":
+        root = dense.synthetic_cityscapes(root)
+    train_split, test_split = SYNTHETIC_SPLITS[task]
+    return [root], {"train_split": train_split, "test_split": test_split}
+
+
+def _dense_evaluate(job: Job, checkpoint, recipe: dict[str, Any], cfg: ReplicateDenseConfig, state: PipelineState,
+                    store) -> None:
+    import warnings
+
+    from protocols import detection, segmentation
+    from protocols.common import resolve_device
+
+    subject = None
+    preset = "reference" if cfg.scale == "paper" else "small"
+    for task in cfg.tasks:
+        detecting = task in detection.TASKS
+        for mode in cfg.modes:
+            step = f"{job.name}/{task}/{mode}"
+            if state.done(step):
+                _log(f"{step}: already stored as {state.done(step)}", "replicate-dense")
+                continue
+            if subject is None:
+                subject = backbone_under_test(checkpoint, cfg.arch or None, seed=job.seed)
+            roots, overrides = _dense_data(task, cfg)
+            iterations = cfg.det_iterations if detecting else cfg.seg_iterations
+            if iterations is None and preset == "small":
+                iterations = SMALL_DENSE_ITERATIONS["det" if detecting else "seg"]
+            module = detection if detecting else segmentation
+            run_cfg = module.make_config(task, preset, mode=mode, seed=job.seed, workers=cfg.workers,
+                                         device=str(resolve_device(cfg.device)), iterations=iterations,
+                                         **overrides)
+            _log(f"{step}: {run_cfg.iterations} iterations at batch {run_cfg.batch_size} on {roots[0]}", "replicate-dense")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*reference protocol.*")  # recorded in the result
+                result = module.run(subject, roots if detecting else roots[0], run_cfg,
+                                    Path(cfg.runs) / "work" / job.name / f"{task}-{mode}", progress=cfg.progress)
+            result.config["replication"] = {
+                "batch": state.batch, "method": job.method, "seed": job.seed, "scale": cfg.scale,
+                "pretrain_data": cfg.pretrain_data if cfg.checkpoints else "synthetic-voc",
+                "pretrain_epochs": recipe.get("epochs", cfg.pretrain_epochs), "arch": subject.backbone.name,
+                "pretrain": recipe, "task": task, "mode": mode,
+            }
+            record = store.write_run("replicate-dense", result, seed=job.seed,
+                                     command=["densecl-bench", *sys.argv[1:]] if sys.argv[1:] else None)
+            state.mark(step, record.run_id)
+            headline = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k in ("AP", "bbox_AP", "mIoU"))
+            _log(f"{step}: {headline}; stored {record.path}", "replicate-dense")
+
+
+def replicate_dense(cfg: ReplicateDenseConfig) -> dict[str, Any]:
+    """Run the dense pipeline; returns {"batch", "runs", "report"} like `replicate_voc`."""
+    from protocols.transfer import require_mm_stack
+    from replication.report import write_report
+    from replication.results import ResultsStore
+
+    cfg.validate()
+    if any(t.endswith("-fcn") for t in cfg.tasks):
+        require_mm_stack("mmseg")
+    if any(not t.endswith("-fcn") for t in cfg.tasks):
+        require_mm_stack("mmdet")
+    store = ResultsStore(cfg.results)
+    state = PipelineState(Path(cfg.runs) / "pipeline_state.json", _config_digest(cfg))
+    state.save()
+    started = time.perf_counter()
+    _log(f"batch {state.batch}: {cfg.scale} scale, tasks {', '.join(cfg.tasks)}, modes {', '.join(cfg.modes)}",
+         "replicate-dense")
+    if cfg.checkpoints:
+        jobs = [(Job(method, cfg.seeds[0]), cfg.checkpoints[method], {"epochs": cfg.pretrain_epochs,
+                                                                      "checkpoint": cfg.checkpoints[method]})
+                for method in cfg.methods]
+    else:
+        jobs = []
+        for seed in cfg.seeds:
+            for method in cfg.methods:
+                job = Job(method, seed)
+                _log(f"checkpoint {job.name}: {Path(cfg.pretrain_runs) / job.name} (reused when replicate-voc "
+                     "trained it)", "replicate-dense")
+                backbone, recipe = pretrain_checkpoint(job, cfg, runs=cfg.pretrain_runs)
+                jobs.append((job, backbone, recipe))
+    for job, checkpoint, recipe in jobs:
+        _dense_evaluate(job, checkpoint, recipe, cfg, state, store)
+    report = write_report(store, "replicate-dense", state.batch)
+    state.state["report"] = str(report)
+    state.save()
+    _log(f"done in {time.perf_counter() - started:.0f} s", "replicate-dense")
+    return {"batch": state.batch, "report": report, "runs": dict(state.state["done"])}
+
+
+def replicate_dense_config(**values) -> ReplicateDenseConfig:
+    """A config from keyword values (CLI), ignoring None."""
+    fields = {f.name for f in dataclasses.fields(ReplicateDenseConfig)}
+    return ReplicateDenseConfig(**{k: v for k, v in values.items() if k in fields and v is not None})

@@ -14,6 +14,7 @@ A claim is judged only by runs whose protocol, dataset, method, backbone and sca
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import statistics
@@ -45,6 +46,7 @@ class Measurement:
     k: int | None
     value: float
     run_id: str
+    metric: str = "mAP"
 
 
 @dataclass
@@ -70,8 +72,47 @@ class Verdict:
         }
 
 
+# Dense protocol names as stored -> the claims' protocol ids, and the metrics claims are made about.
+DENSE_PROTOCOLS = {"det_voc_c4": "det_voc_c4", "det_coco_fpn": "det_coco_mask_fpn", "seg_voc_fcn": "seg_voc_fcn",
+                   "seg_cityscapes_fcn": "seg_cityscapes_fcn"}
+DENSE_METRICS = ("AP", "AP50", "AP75", "bbox_AP", "bbox_AP50", "bbox_AP75", "mask_AP", "mask_AP50", "mask_AP75", "mIoU")
+# Our dense runs *are* MMSelfSup's mmdet/mmseg protocols, so paper-scale runs also answer their rows.
+MM_REIMPLEMENTATIONS = {("det_voc_c4", "AP50"): "det_voc_c4_mmdet", ("seg_voc_fcn", "mIoU"): "seg_voc_fcn_mmseg"}
+GAP_PROTOCOLS = {("det_voc_c4", "AP"), ("seg_voc_fcn", "mIoU")}  # frozen minus fine-tuned, per method and seed
+
+
+def _dense_rows(record, common: dict[str, Any]) -> list[Measurement]:
+    protocol_id = DENSE_PROTOCOLS[record.protocol]
+    frozen = record.config.get("mode") == "frozen"
+    rows = []
+    for metric in DENSE_METRICS:
+        value = record.metrics.get(metric)
+        if value is None:
+            continue
+        rows.append(Measurement(protocol_id=protocol_id + ("_frozen" if frozen else ""), layer="", k=None,
+                                value=value, metric=metric, **common))
+        if not frozen and (protocol_id, metric) in MM_REIMPLEMENTATIONS:
+            rows.append(Measurement(protocol_id=MM_REIMPLEMENTATIONS[(protocol_id, metric)], layer="", k=None,
+                                    value=value, metric=metric, **common))
+    return rows
+
+
+def _gap_rows(rows: list[Measurement]) -> list[Measurement]:
+    """Per (method, seed): frozen minus fine-tuned, for the journal's 'larger gains when frozen'."""
+    index = {(m.protocol_id, m.metric, m.method, m.seed, m.scale): m for m in rows}
+    gaps = []
+    for (protocol_id, metric) in sorted(GAP_PROTOCOLS):
+        for (pid, met, method, seed, scale), frozen in index.items():
+            finetuned = index.get((protocol_id, metric, method, seed, scale))
+            if pid == f"{protocol_id}_frozen" and met == metric and finetuned is not None:
+                gaps.append(dataclasses.replace(frozen, protocol_id=f"{protocol_id}_frozen_minus_finetune",
+                                                value=frozen.value - finetuned.value,
+                                                run_id=f"{frozen.run_id}-{finetuned.run_id}"))
+    return gaps
+
+
 def measurements(records) -> list[Measurement]:
-    """Flatten stored VOC07 runs of a batch into one row per (method, seed, layer, k) number."""
+    """Flatten a batch's stored runs into one row per (method, seed, protocol, layer, k, metric) number."""
     rows = []
     for record in records:
         rep = record.config.get("replication", {})
@@ -83,6 +124,9 @@ def measurements(records) -> list[Measurement]:
             epochs=rep.get("pretrain_epochs"), backbone=BACKBONE_NAMES.get(rep.get("arch", ""), rep.get("arch", "")),
             run_id=record.run_id,
         )
+        if record.protocol in DENSE_PROTOCOLS:
+            rows.extend(_dense_rows(record, common))
+            continue
         for name, value in record.metrics.items():
             parts = name.split("/")
             if parts[0] == "best" or value is None:
@@ -92,7 +136,7 @@ def measurements(records) -> list[Measurement]:
             elif len(parts) == 3 and parts[1].startswith("k=") and parts[2] == "mean":
                 rows.append(Measurement(protocol_id="voc07_lowshot", layer=parts[0], k=int(parts[1][2:]),
                                         value=value, **common))
-    return rows
+    return rows + _gap_rows(rows)
 
 
 def t_quantile_975(df: int) -> float:
@@ -115,7 +159,8 @@ def _holds(value: float, comparator: str) -> bool:
 
 def _select(rows: list[Measurement], claim: Claim, method: str) -> list[Measurement]:
     return [m for m in rows if m.protocol_id == claim.protocol_id and m.method == method
-            and (not claim.layer or m.layer == claim.layer) and (claim.k is None or m.k == claim.k)]
+            and (not claim.layer or m.layer == claim.layer) and (claim.k is None or m.k == claim.k)
+            and (not claim.metric or m.metric == claim.metric)]
 
 
 def _missing_reason(rows: list[Measurement], claim: Claim) -> str:
@@ -338,21 +383,31 @@ def verdict_csv(judged: list[Verdict]) -> str:
 def _summary_table(rows: list[Measurement]) -> list[str]:
     groups = defaultdict(list)
     for m in rows:
-        groups[(m.protocol_id, m.layer, m.k, m.method)].append(m.value)
-    lines = ["| protocol | layer | k | method | mean | std | seeds |", "|---|---|---|---|---|---|---|"]
-    for (protocol, layer, k, method), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3])):
+        groups[(m.protocol_id, m.metric, m.layer, m.k, m.method)].append(m.value)
+    lines = ["| protocol | metric | layer | k | method | mean | std | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for (protocol, metric, layer, k, method), values in sorted(groups.items(),
+                                                               key=lambda kv: (*kv[0][:3], kv[0][3] or 0, kv[0][4])):
         mean, std = _mean_std(values)
-        lines.append(f"| {protocol} | {layer} | {'' if k is None else k} | {method} | {mean:.2f} | {std:.2f} | {len(values)} |")
+        lines.append(f"| {protocol} | {metric} | {layer} | {'' if k is None else k} | {method} | {mean:.2f} | {std:.2f} "
+                     f"| {len(values)} |")
     return lines
 
 
-def markdown(batch: str, judged: list[Verdict], rows: list[Measurement], records) -> str:
+PIPELINE_PLOTS = {
+    "replicate-voc": "`plots/lowshot.png` (low-shot mAP vs k, with the MMSelfSup reference curves), `plots/layers.png` "
+                     "(SVM mAP per stage)",
+    "replicate-dense": "`plots/dense.png` (each task and mode: mean ± std over seeds per method)",
+}
+
+
+def markdown(batch: str, judged: list[Verdict], rows: list[Measurement], records, pipeline: str = "replicate-voc") -> str:
     counts = defaultdict(int)
     for v in judged:
         counts[v.status] += 1
     scale = ", ".join(sorted({m.scale for m in rows})) or "none"
+    measured = {m.protocol_id for m in rows}
     lines = [
-        f"# replicate-voc: verdicts for batch {batch}",
+        f"# {pipeline}: verdicts for batch {batch}",
         "",
         f"Scale: **{scale}**. Runs: {len(records)} stored protocol runs. Claims: {len(judged)} "
         f"(`replication/claims.csv`).",
@@ -361,13 +416,13 @@ def markdown(batch: str, judged: list[Verdict], rows: list[Measurement], records
         "absolute numbers, so they are judged only on *directional* claims (for example, DenseCL below MoCo-v2 "
         f"on the VOC07 SVM), from the per-seed paired difference over at least {MIN_SEEDS} seeds: `reproduced` when "
         "the whole 95% confidence interval lies on the claimed side, `not reproduced` otherwise (inconclusive "
-        "when it straddles zero). Paper-scale runs (real VOC2007 and real checkpoints) are judged against the "
+        "when it straddles zero). Paper-scale runs (real data and real checkpoints) are judged against the "
         "absolute numbers within each claim's tolerance.",
         "",
         "| status | claims |", "|---|---|",
         *[f"| {status} | {counts[status]} |" for status in STATUSES if counts[status]],
         "",
-        "## Measured (mAP x100)",
+        "## Measured (x100)",
         "",
         *_summary_table(rows),
         "",
@@ -377,20 +432,43 @@ def markdown(batch: str, judged: list[Verdict], rows: list[Measurement], records
         *[f"| `{v.claim.claim_id}` | **{v.status}** | {v.reason} |" for v in judged
           if v.status in ("reproduced", "not reproduced")],
         "",
-        "## Claims about the VOC07 protocols this batch could not judge",
+        "## Claims about the protocols this batch ran that it could not judge",
         "",
         "| claim | status | why |", "|---|---|---|",
         *[f"| `{v.claim.claim_id}` | {v.status} | {v.reason} |" for v in judged
-          if v.status not in ("reproduced", "not reproduced") and v.claim.protocol_id in ("voc07_svm", "voc07_lowshot")],
+          if v.status not in ("reproduced", "not reproduced") and v.claim.protocol_id in measured],
         "",
-        "Every other claim (detection, segmentation, ImageNet protocols, compute) is listed in `verdicts.csv` "
-        "with its status and reason.",
+        "Every other claim is listed in `verdicts.csv` with its status and reason.",
         "",
-        "Plots: `plots/lowshot.png` (low-shot mAP vs k, with the MMSelfSup reference curves), "
-        "`plots/layers.png` (SVM mAP per stage), `plots/verdicts.png` (directional differences with 95% "
+        f"Plots: {PIPELINE_PLOTS.get(pipeline, '')}, `plots/verdicts.png` (directional differences with 95% "
         "intervals, or measured vs reported at paper scale), `plots/pretrain_loss.png`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def plot_dense(rows: list[Measurement]):
+    """One panel per dense task: the claimed metric, fine-tuned and frozen, mean ± std over seeds per method."""
+    import matplotlib.pyplot as plt
+
+    headline = {"det_voc_c4": "AP", "det_coco_mask_fpn": "bbox_AP", "seg_voc_fcn": "mIoU", "seg_cityscapes_fcn": "mIoU"}
+    tasks = [t for t in headline if any(m.protocol_id.removesuffix("_frozen") == t for m in rows)]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        width = 0.38
+        for i, method in enumerate(("MoCo-v2", "DenseCL")):
+            stats = [_mean_std([m.value for m in rows if m.protocol_id == pid and m.metric == headline[task]
+                                and m.method == method] or [math.nan]) for pid in (task, f"{task}_frozen")]
+            xs = [j + (i - 0.5) * width for j in range(2)]
+            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=method)
+        ax.set_xticks([0, 1], ["fine-tuned", "frozen"])
+        ax.set(title=task, ylabel=headline[task])
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if not tasks:
+        axes[0][0].text(0.5, 0.5, "no dense runs in this batch", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    return fig
 
 
 def build_report(store, pipeline: str, batch: str, claims: list[Claim] | None = None):
@@ -410,9 +488,12 @@ def build_report(store, pipeline: str, batch: str, claims: list[Claim] | None = 
         dataset={name: value for name, value in records[0].dataset.items() if name != "splits"},
         details={"verdicts": [v.row() for v in judged if v.status in ("reproduced", "not reproduced")]},
     )
-    plots = {"lowshot": plot_lowshot(rows, claims), "layers": plot_layers(rows), "verdicts": plot_verdicts(judged),
-             "pretrain_loss": plot_losses(records)}
-    files = {"report.md": markdown(batch, judged, rows, records), "verdicts.csv": verdict_csv(judged)}
+    plots = {"verdicts": plot_verdicts(judged), "pretrain_loss": plot_losses(records)}
+    if pipeline == "replicate-dense":
+        plots["dense"] = plot_dense(rows)
+    else:
+        plots.update(lowshot=plot_lowshot(rows, claims), layers=plot_layers(rows))
+    files = {"report.md": markdown(batch, judged, rows, records, pipeline), "verdicts.csv": verdict_csv(judged)}
     return result, plots, files
 
 

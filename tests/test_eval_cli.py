@@ -141,3 +141,18 @@ def test_knn_and_linear_commands_run_on_a_random_init_baseline(voc_root, tmp_pat
     linear = stored(captured)
     assert linear["schema"] == "densecl-bench/result" and linear["pipeline"] == "eval"
     assert linear["config"]["epochs"] == 1 and "feature5/top1" in linear["metrics"]
+
+
+def test_dense_commands_name_the_install_when_the_mm_stack_is_missing(tmp_path, capsys):
+    import importlib.util
+
+    from protocols.transfer import MMStackMissing, require_mm_stack
+
+    with pytest.raises(MMStackMissing, match=r"scripts/install_mm_stack.py"):
+        require_mm_stack("densecl_bench_no_such_package")
+    if importlib.util.find_spec("mmdet") is not None:
+        pytest.skip("the OpenMMLab stack is installed here; the CLI path is covered without it (tox -e py)")
+    code = main(["eval", "detection", "--checkpoint", "random", "--arch", "resnet18", "--results", str(tmp_path),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "install_mm_stack.py" in err[0] and "pip install -e '.[dense]'" in err[0]

@@ -27,8 +27,7 @@ from protocols.common import BackboneUnderTest
 from protocols.result import ProtocolResult
 
 TASKS = ("voc-c4", "coco-fpn")
-MODES = ("finetune", "frozen")
-PRESETS = ("reference", "small")
+MODES, PRESETS = transfer.MODES, transfer.PRESETS
 
 
 @dataclass
@@ -80,18 +79,7 @@ SMALL = {"voc-c4": dict(_SMALL_COMMON), "coco-fpn": dict(_SMALL_COMMON, rois_per
 
 def make_config(task: str = "voc-c4", preset: str = "reference", **overrides: Any) -> DetectionConfig:
     """The reference protocol of `task`, scaled down by the `small` preset, then `overrides` (None ignored)."""
-    if task not in REFERENCE:
-        raise ValueError(f"unknown detection task {task!r}; choose from {', '.join(TASKS)}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = dataclasses.asdict(REFERENCE[task])
-    if preset == "small":
-        values.update(SMALL[task])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["preset"] = preset
-    cfg = DetectionConfig(**values)
-    cfg.validate()
-    return cfg
+    return transfer.make_task_config(DetectionConfig, REFERENCE, SMALL, task, preset, overrides)
 
 
 def settings(cfg: DetectionConfig) -> dict[str, Any]:
@@ -110,7 +98,7 @@ def _reference_settings(task: str) -> dict[str, Any]:
     return reference
 
 
-def _data(cfg: DetectionConfig, roots: list[Path], progress: bool) -> tuple[Any, Any, dict[str, Any], Path | None]:
+def _data(cfg: DetectionConfig, roots: list[Path]) -> tuple[Any, Any, dict[str, Any], Path | None]:
     from protocols import mmdet_adapter
     from protocols.datasets import dense
 
@@ -147,7 +135,7 @@ def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: De
     transfer.require_mm_stack("mmdet")
     depth = transfer.resnet_depth(subject.info["arch"])
     roots = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
-    train_set, test_set, dataset_info, annotation_file = _data(cfg, roots, progress)
+    train_set, test_set, dataset_info, annotation_file = _data(cfg, roots)
     num_classes = len(train_set.metainfo["classes"])
     build = mmdet_adapter.faster_rcnn_c4 if cfg.task == "voc-c4" else mmdet_adapter.mask_rcnn_fpn
     model_cfg = build(depth, num_classes, cfg.mode == "frozen", cfg.rois_per_image, cfg.test_proposals)

@@ -164,7 +164,7 @@ def voc_datasets(roots: list[Path], train_split: str, test_root: Path, test_spli
 
     train_type = {"ignore": "VOCDataset", "train": "VOCDatasetTrainDifficult"}[difficult]
     parts = [dict(type=train_type, data_root=str(root), ann_file=f"ImageSets/Main/{train_split}.txt",
-                  data_prefix=dict(sub_data_root=""), filter_cfg=dict(filter_empty_gt=True, min_size=1),
+                  data_prefix=dict(sub_data_root=""), filter_cfg=dict(filter_empty_gt=True, min_size=32),
                   pipeline=_train_pipeline(short_sides, max_size, False)) for root in roots]
     train = parts[0] if len(parts) == 1 else dict(type="ConcatDataset", ignore_keys=["dataset_type"], datasets=parts)
     test = dict(type="VOCDataset", data_root=str(test_root), ann_file=f"ImageSets/Main/{test_split}.txt",
@@ -188,7 +188,7 @@ def coco_datasets(root: Path, train_split: str, test_split: str, short_sides: tu
     def dataset(split: str, pipeline: list[dict[str, Any]], test_mode: bool) -> Any:
         return DATASETS.build(dict(type="CocoDataset", data_root=str(root), metainfo=dict(classes=classes),
                                    ann_file=f"annotations/instances_{split}.json", data_prefix=dict(img=f"{split}/"),
-                                   filter_cfg=None if test_mode else dict(filter_empty_gt=True, min_size=1),
+                                   filter_cfg=None if test_mode else dict(filter_empty_gt=True, min_size=32),
                                    test_mode=test_mode, pipeline=pipeline))
 
     return (dataset(train_split, _train_pipeline(short_sides, max_size, True), False),

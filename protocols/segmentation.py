@@ -26,8 +26,7 @@ from protocols.common import BackboneUnderTest
 from protocols.result import ProtocolResult
 
 TASKS = ("voc-fcn", "cityscapes-fcn")
-MODES = ("finetune", "frozen")
-PRESETS = ("reference", "small")
+MODES, PRESETS = transfer.MODES, transfer.PRESETS
 
 
 @dataclass
@@ -75,19 +74,7 @@ SMALL = {
 
 def make_config(task: str = "voc-fcn", preset: str = "reference", **overrides: Any) -> SegmentationConfig:
     """The reference protocol of `task`, scaled down by the `small` preset, then `overrides` (None ignored)."""
-    if task not in REFERENCE:
-        raise ValueError(f"unknown segmentation task {task!r}; choose from {', '.join(TASKS)}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = dataclasses.asdict(REFERENCE[task])
-    if preset == "small":
-        values.update(SMALL[task])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["preset"] = preset
-    values["scale"] = tuple(values["scale"])
-    cfg = SegmentationConfig(**values)
-    cfg.validate()
-    return cfg
+    return transfer.make_task_config(SegmentationConfig, REFERENCE, SMALL, task, preset, overrides)
 
 
 def settings(cfg: SegmentationConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ OpenMMLab model, with the parts users get wrong made loud.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,6 +34,8 @@ from tqdm import tqdm
 
 from baselines.train import TrainingInterrupted, atomic_save
 
+MODES = ("finetune", "frozen")
+PRESETS = ("reference", "small")
 INSTALL_HINT = ("install the OpenMMLab stack: `pip install -e '.[dense]'` then "
                 "`python scripts/install_mm_stack.py` (builds and caches mmcv 2.1.0 with its ops; README 'Dense protocols')")
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -155,6 +158,23 @@ class Schedule:
         if iteration < self.warmup_iters:
             lr *= self.warmup_ratio + (1 - self.warmup_ratio) * iteration / self.warmup_iters
         return lr
+
+
+def make_task_config(config_class, reference: Mapping[str, Any], small: Mapping[str, dict[str, Any]], task: str,
+                     preset: str, overrides: Mapping[str, Any]):
+    """`reference[task]`, scaled down by the `small` preset, then `overrides` (None values ignored), validated."""
+    if task not in reference:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(reference)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = dataclasses.asdict(reference[task])
+    if preset == "small":
+        values.update(small[task])
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+    values["preset"] = preset
+    cfg = config_class(**values)
+    cfg.validate()
+    return cfg
 
 
 def deviations(actual: Mapping[str, Any], reference: Mapping[str, Any], label: str) -> list[str]:

@@ -64,23 +64,30 @@ def _layer_list(text: str) -> tuple[str, ...]:
     return _layers(text)
 
 
-def _checkpoint_pairs(values: list[str]) -> dict[str, str]:
+def _pairs(values: list[str] | None, option: str, example: str) -> dict[str, str]:
+    """`KEY=VALUE` options (given several times) as a dict."""
     pairs = {}
     for value in values or []:
-        method, sep, path = value.partition("=")
+        key, sep, path = value.partition("=")
         if not sep or not path:
-            raise configs.ConfigError(f"--checkpoint expects METHOD=PATH (e.g. densecl=densecl_r50.pth), got {value!r}")
-        pairs[method] = path
+            raise configs.ConfigError(f"{option} expects {example}, got {value!r}")
+        pairs[key] = path
     return pairs
+
+
+def _given_checkpoints(args: argparse.Namespace) -> dict[str, str]:
+    """--checkpoint METHOD=PATH, else $DENSECL_CHECKPOINT / $MOCOV2_CHECKPOINT."""
+    checkpoints = _pairs(args.checkpoint, "--checkpoint", "METHOD=PATH (e.g. densecl=densecl_r50.pth)")
+    for method, variable in (("densecl", "DENSECL_CHECKPOINT"), ("mocov2", "MOCOV2_CHECKPOINT")):
+        if os.environ.get(variable) and method not in checkpoints:
+            checkpoints[method] = os.environ[variable]
+    return checkpoints
 
 
 def cmd_replicate_voc(args: argparse.Namespace) -> int:
     from replication.pipelines import replicate_voc, replicate_voc_config
 
-    checkpoints = _checkpoint_pairs(args.checkpoint)
-    for method, variable in (("densecl", "DENSECL_CHECKPOINT"), ("mocov2", "MOCOV2_CHECKPOINT")):
-        if os.environ.get(variable) and method not in checkpoints:
-            checkpoints[method] = os.environ[variable]
+    checkpoints = _given_checkpoints(args)
     cfg = replicate_voc_config(
         seeds=tuple(args.seeds), epochs=args.epochs, voc_root=args.voc_root or os.environ.get("VOC_ROOT") or None,
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
@@ -101,26 +108,13 @@ def _print_outcome(pipeline: str, outcome: dict, results: str) -> None:
           f"[{pipeline}] plots:    {report.parent / 'plots'}")
 
 
-def _task_roots(values: list[str]) -> dict[str, str]:
-    pairs = {}
-    for value in values or []:
-        task, sep, path = value.partition("=")
-        if not sep or not path:
-            raise configs.ConfigError(f"--data expects TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012), got {value!r}")
-        pairs[task] = path
-    return pairs
-
-
 def cmd_replicate_dense(args: argparse.Namespace) -> int:
     from replication.pipelines import replicate_dense, replicate_dense_config
 
-    checkpoints = _checkpoint_pairs(args.checkpoint)
-    for method, variable in (("densecl", "DENSECL_CHECKPOINT"), ("mocov2", "MOCOV2_CHECKPOINT")):
-        if os.environ.get(variable) and method not in checkpoints:
-            checkpoints[method] = os.environ[variable]
+    checkpoints = _given_checkpoints(args)
     cfg = replicate_dense_config(
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), modes=tuple(args.modes), det_iterations=args.det_iterations,
-        seg_iterations=args.seg_iterations, data=_task_roots(args.data), checkpoints=checkpoints, arch=args.arch,
+        seg_iterations=args.seg_iterations, data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"), checkpoints=checkpoints, arch=args.arch,
         pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs, workers=args.workers,
         device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs, results=args.results,
         progress=args.progress)

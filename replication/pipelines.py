@@ -66,20 +66,25 @@ class ReplicateVOCConfig:
         return "paper" if self.checkpoints and self.voc_root else "small"
 
     def validate(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.checkpoints) - set(METHODS))
-        if unknown:
-            raise configs.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-        if not self.seeds:
-            raise configs.ConfigError("no seeds given")
-        if self.checkpoints and set(self.checkpoints) != set(self.methods):
-            raise configs.ConfigError(f"give a checkpoint for each of {', '.join(self.methods)} "
-                                      f"(got {', '.join(sorted(self.checkpoints)) or 'none'})")
-        for method, path in self.checkpoints.items():
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"checkpoint for {method} not found: {path}")
+        validate_methods(self)
         if self.voc_root and not (Path(self.voc_root) / "ImageSets" / "Main").is_dir():
             raise FileNotFoundError(f"{self.voc_root} is not a VOC2007 root (no ImageSets/Main); "
                                     "point --voc-root at VOCdevkit/VOC2007")
+
+
+def validate_methods(cfg) -> None:
+    """What every pipeline checks: known methods, some seeds, and a readable checkpoint per method if any."""
+    unknown = sorted(set(cfg.methods) - set(METHODS)) + sorted(set(cfg.checkpoints) - set(METHODS))
+    if unknown:
+        raise configs.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if not cfg.seeds:
+        raise configs.ConfigError("no seeds given")
+    if cfg.checkpoints and set(cfg.checkpoints) != set(cfg.methods):
+        raise configs.ConfigError(f"give a checkpoint for each of {', '.join(cfg.methods)} "
+                                  f"(got {', '.join(sorted(cfg.checkpoints)) or 'none'})")
+    for method, path in cfg.checkpoints.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint for {method} not found: {path}")
 
 
 @dataclass(frozen=True)
@@ -132,13 +137,13 @@ class PipelineState:
         os.replace(tmp, self.path)
 
 
-def pretrain_checkpoint(job: Job, cfg, runs: str | None = None) -> tuple[Path, dict[str, Any]]:
+def pretrain_checkpoint(job: Job, cfg, runs: str) -> tuple[Path, dict[str, Any]]:
     """Train (or resume, or reuse) the job's small-scale checkpoint in `<runs>/<job>`; returns the backbone path
     and its recipe. `cfg` is a pipeline config (preset, epochs, pretrain_images, workers, device, progress)."""
     overrides: dict[str, Any] = {"method": job.method, "seed": job.seed, "workers": cfg.workers, "device": cfg.device,
                                  "data": cfg.pretrain_images
                                  or str(synthetic.cached(**PRETRAIN_DATA, progress=cfg.progress) / "JPEGImages"),
-                                 "out": str(Path(runs or cfg.runs) / job.name), "resume": "auto",
+                                 "out": str(Path(runs) / job.name), "resume": "auto",
                                  "progress": cfg.progress}
     if cfg.epochs:
         overrides["epochs"] = cfg.epochs
@@ -147,6 +152,22 @@ def pretrain_checkpoint(job: Job, cfg, runs: str | None = None) -> tuple[Path, d
     recipe = {**configs.to_dict(pretrain_cfg), "preset": cfg.preset,
               "log": str(Path(pretrain_cfg.out) / "log.jsonl")}
     return backbone, recipe
+
+
+def checkpoint_jobs(cfg, pipeline: str, runs: str) -> list[tuple[Job, Path | str, dict[str, Any]]]:
+    """(job, checkpoint, recipe) per method: the given checkpoints, or per seed the small-scale pretraining in
+    `<runs>/<method>-seed<N>` (trained, resumed, or reused when already finished)."""
+    if cfg.checkpoints:
+        return [(Job(method, cfg.seeds[0]), cfg.checkpoints[method],
+                 {"epochs": cfg.pretrain_epochs, "checkpoint": cfg.checkpoints[method]}) for method in cfg.methods]
+    jobs = []
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            job = Job(method, seed)
+            _log(f"pretraining {job.name} ({cfg.preset}) in {Path(runs) / job.name} (reused when finished)", pipeline)
+            backbone, recipe = pretrain_checkpoint(job, cfg, runs)
+            jobs.append((job, backbone, recipe))
+    return jobs
 
 
 def _evaluate(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg: ReplicateVOCConfig, state: PipelineState,
@@ -193,19 +214,7 @@ def replicate_voc(cfg: ReplicateVOCConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _log(f"batch {state.batch}: {cfg.scale} scale, methods {', '.join(cfg.methods)}"
          + (f", seeds {', '.join(map(str, cfg.seeds))}" if cfg.scale == "small" else ""))
-    if cfg.checkpoints:
-        jobs = [(Job(method, cfg.seeds[0]), cfg.checkpoints[method], {"epochs": cfg.pretrain_epochs,
-                                                                      "checkpoint": cfg.checkpoints[method]})
-                for method in cfg.methods]
-    else:
-        jobs = []
-        for seed in cfg.seeds:
-            for method in cfg.methods:
-                job = Job(method, seed)
-                _log(f"pretraining {job.name} ({cfg.preset}) in {Path(cfg.runs) / job.name}")
-                backbone, recipe = pretrain_checkpoint(job, cfg)
-                jobs.append((job, backbone, recipe))
-    for job, checkpoint, recipe in jobs:
+    for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-voc", cfg.runs):
         _evaluate(job, checkpoint, recipe, cfg, state, store)
     report = write_report(store, "replicate-voc", state.batch)
     state.state["report"] = str(report)
@@ -262,24 +271,19 @@ class ReplicateDenseConfig:
         return "paper" if self.checkpoints and self.data else "small"
 
     def validate(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.checkpoints) - set(METHODS))
-        if unknown:
-            raise configs.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        validate_methods(self)
         bad_tasks = sorted(set(self.tasks) - set(DENSE_TASKS)) + sorted(set(self.data) - set(DENSE_TASKS))
         if bad_tasks:
             raise configs.ConfigError(f"unknown task(s) {bad_tasks}; choose from {', '.join(DENSE_TASKS)}")
         bad_modes = sorted(set(self.modes) - {"finetune", "frozen"})
         if bad_modes or not self.modes:
             raise configs.ConfigError(f"modes must be finetune and/or frozen, got {list(self.modes)}")
-        if not self.seeds:
-            raise configs.ConfigError("no seeds given")
-        if self.checkpoints and set(self.checkpoints) != set(self.methods):
-            raise configs.ConfigError(f"give a checkpoint for each of {', '.join(self.methods)}")
         if self.data and set(self.data) != set(self.tasks):
             raise configs.ConfigError(f"give a dataset root for each task ({', '.join(self.tasks)}) or none")
-        for path in [*self.checkpoints.values(), *self.data.values()]:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"not found: {path}")
+        for task, roots in self.data.items():
+            for root in roots.split(","):
+                if not Path(root).is_dir():
+                    raise FileNotFoundError(f"dataset root for {task} not found: {root}")
 
 
 def _dense_data(task: str, cfg: ReplicateDenseConfig) -> tuple[list[Path], dict[str, Any]]:
@@ -358,20 +362,7 @@ def replicate_dense(cfg: ReplicateDenseConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _log(f"batch {state.batch}: {cfg.scale} scale, tasks {', '.join(cfg.tasks)}, modes {', '.join(cfg.modes)}",
          "replicate-dense")
-    if cfg.checkpoints:
-        jobs = [(Job(method, cfg.seeds[0]), cfg.checkpoints[method], {"epochs": cfg.pretrain_epochs,
-                                                                      "checkpoint": cfg.checkpoints[method]})
-                for method in cfg.methods]
-    else:
-        jobs = []
-        for seed in cfg.seeds:
-            for method in cfg.methods:
-                job = Job(method, seed)
-                _log(f"checkpoint {job.name}: {Path(cfg.pretrain_runs) / job.name} (reused when replicate-voc "
-                     "trained it)", "replicate-dense")
-                backbone, recipe = pretrain_checkpoint(job, cfg, runs=cfg.pretrain_runs)
-                jobs.append((job, backbone, recipe))
-    for job, checkpoint, recipe in jobs:
+    for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-dense", cfg.pretrain_runs):
         _dense_evaluate(job, checkpoint, recipe, cfg, state, store)
     report = write_report(store, "replicate-dense", state.batch)
     state.state["report"] = str(report)

@@ -52,7 +52,7 @@ def measure(work: Path, progress: bool = True) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for method in cfg.methods:
         job = Job(method, SETTINGS["seed"])
-        backbone, recipe = pretrain_checkpoint(job, cfg)
+        backbone, recipe = pretrain_checkpoint(job, cfg, cfg.runs)
         last = Path(recipe["log"]).read_text().splitlines()[-1]
         metrics[f"{method}/final_loss"] = json.loads(last)["loss"]
         subject = backbone_under_test(backbone, seed=job.seed)

@@ -151,3 +151,23 @@ def test_unwritable_results_folder_is_a_one_line_error(tmp_path, capsys):
                  "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and "error:" in err and str(blocker) in err
+
+
+def test_dense_runs_answer_finetuned_frozen_and_gap_claims():
+    """Frozen runs count only for the frozen claims; frozen minus fine-tuned per seed answers the gap claim."""
+    import dataclasses
+
+    from replication.report import _gap_rows
+
+    def dense(protocol_id, metric, densecl, mocov2):
+        return [dataclasses.replace(m, protocol_id=protocol_id, layer="", metric=metric) for m in rows(densecl, mocov2)]
+
+    finetuned = dense("det_voc_c4", "AP", [20, 21, 22], [19, 20.5, 21])
+    frozen = dense("det_voc_c4_frozen", "AP", [15, 16.5, 17], [10, 11, 12])
+    measured = finetuned + frozen + dense("det_voc_c4", "AP50", [1, 1, 1], [90, 90, 90])
+    measured += _gap_rows(measured)
+    assert judge(CLAIMS["dir.det_voc_c4.ap.densecl-vs-mocov2"], measured).status == "reproduced"  # AP50 not mixed in
+    assert judge(CLAIMS["dir.det_voc_c4_frozen.ap.densecl-vs-mocov2"], measured).status == "reproduced"
+    gap = judge(CLAIMS["dir.det_voc_c4_frozen_minus_finetune.ap.densecl-vs-mocov2"], measured)
+    assert gap.status == "reproduced" and gap.measured == pytest.approx(((-5 + 9) + (-4.5 + 9.5) + (-5 + 9)) / 3)
+    assert judge(CLAIMS["dir.seg_voc_fcn_frozen.miou.densecl-vs-mocov2"], measured).status == "not run"

@@ -276,11 +276,18 @@ def _dense_setup(args: argparse.Namespace) -> tuple[list[Path], dict]:
     return roots, {"preset": preset, **overrides}
 
 
-def _work_dir(args: argparse.Namespace, subject) -> Path:
+def _work_dir(args: argparse.Namespace, subject, cfg) -> Path:
+    """--work-dir, else one folder per (weights, resolved config): re-running a command resumes it, changing
+    a setting starts a new run instead of colliding with the old state."""
+    import dataclasses
+
+    from protocols.transfer import config_digest
+
     if args.work_dir:
         return Path(args.work_dir)
-    weights = (subject.info.get("sha256") or f"random-{subject.info['arch']}")[:12]
-    return Path("runs") / "eval" / args.task / f"{weights}-{args.mode}-seed{args.seed}"
+    weights = (subject.info.get("sha256") or "")[:16] or f"random-{subject.info['arch']}-seed{args.seed}"
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "device", "save_every")}
+    return Path("runs") / "eval" / args.task / f"{weights}-{args.mode}-{config_digest(settings)[:8]}"
 
 
 def cmd_dense(args: argparse.Namespace, kind: str) -> int:
@@ -309,7 +316,7 @@ def cmd_dense(args: argparse.Namespace, kind: str) -> int:
         cfg = module.make_config(args.task, base["preset"], crop_size=args.crop_size, aug_split=args.aug_split,
                                  check_counts=args.check_counts, **common)
         data = roots[0]
-    work_dir = _work_dir(args, subject)
+    work_dir = _work_dir(args, subject, cfg)
     print(f"[eval] {kind} {args.task} ({args.mode}, {base['preset']} preset): state in {work_dir}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message=".*reference protocol.*")
@@ -341,7 +348,8 @@ def _dense_arguments(parser: argparse.ArgumentParser, tasks: tuple[str, ...]) ->
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data order, augmentation and new layers")
     parser.add_argument("--save-every", type=int, default=50, help="iterations between resumable state saves (default: 50)")
-    parser.add_argument("--work-dir", help="resumable training state (default: runs/eval/<task>/<weights>-<mode>-seed<N>)")
+    parser.add_argument("--work-dir", help="resumable training state (default: runs/eval/<task>/<weights>-<mode>-<config "
+                        "hash>, so the same command resumes)")
     parser.add_argument("--results", default="results", help="results store (default: results)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

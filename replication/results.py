@@ -182,12 +182,13 @@ class RunScan:
 def git_state(directory: str | os.PathLike = SOURCE_DIR) -> dict[str, Any]:
     """Commit and dirty flag of the repository holding `directory`; "unknown" outside git.
 
-    Untracked files do not make the tree dirty: results and runs folders would always do so.
+    Untracked files do not make the tree dirty (results and runs folders would always do so), and neither
+    do changes under the repository's `results/`: the store itself updates the tracked `results/index.csv`.
     """
     commit = _git(directory, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": UNKNOWN, "dirty": UNKNOWN}
-    status = _git(directory, "status", "--porcelain", "--untracked-files=no")
+    status = _git(directory, "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results")
     return {"commit": commit, "dirty": UNKNOWN if status is None else bool(status)}
 
 

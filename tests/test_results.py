@@ -300,6 +300,26 @@ def test_git_info_inside_this_repository():
     assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
 
 
+def test_only_code_changes_make_the_tree_dirty(tmp_path):
+    """The store rewrites the tracked results/index.csv itself: that must not mark its own runs dirty."""
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "results" / "index.csv").write_text("run_id\n")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, env=env)
+    (repo / "results" / "index.csv").write_text("run_id\nnew\n")
+    assert git_state(repo)["dirty"] is False
+    (repo / "code.py").write_text("x = 2\n")
+    assert git_state(repo)["dirty"] is True
+
+
 def store_row(root: Path) -> dict[str, str]:
     [row] = ResultsStore(root, read_only=True).read_index().to_dict("records")
     return row

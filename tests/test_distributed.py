@@ -45,7 +45,14 @@ def test_two_process_gloo_run_matches_single_process_ghost_bn(pretrain_images, t
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pth", weights_only=True)
 
-    pretrain(tiny_config(pretrain_images, tmp_path / "single", bn_group_size=4, progress=False, **SETTINGS))
+    # One intra-op thread, as each torchrun rank has (OMP_NUM_THREADS=1): with 2 threads the CPU convolutions
+    # sum in another order, and on some CPUs that alone moves the weights by ~6e-4 after 6 steps.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(tiny_config(pretrain_images, tmp_path / "single", bn_group_size=4, progress=False, **SETTINGS))
+    finally:
+        torch.set_num_threads(threads)
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pth", weights_only=True)
 
     assert ddp["position"] == single["position"]

@@ -295,7 +295,7 @@ def cmd_dense(args: argparse.Namespace, kind: str) -> int:
 
     from protocols import detection, segmentation
     from protocols.common import resolve_device
-    from protocols.transfer import require_mm_stack
+    from protocols.transfer import ProtocolDeviation, require_mm_stack
 
     require_mm_stack("mmdet" if kind == "detection" else "mmseg")
     _store(args)
@@ -319,7 +319,17 @@ def cmd_dense(args: argparse.Namespace, kind: str) -> int:
     work_dir = _work_dir(args, subject, cfg)
     print(f"[eval] {kind} {args.task} ({args.mode}, {base['preset']} preset): state in {work_dir}", file=sys.stderr)
     with warnings.catch_warnings():
-        warnings.filterwarnings("always", message=".*reference protocol.*")
+        warnings.simplefilter("always", ProtocolDeviation)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mm(cv|det|engine|seg)\.")  # API notices
+        default_show = warnings.showwarning
+
+        def show(message, category, *rest, **kwargs) -> None:
+            if issubclass(category, ProtocolDeviation):
+                print(f"[eval] differs from the reference: {message}", file=sys.stderr)
+            else:
+                default_show(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
         result = module.run(subject, data, cfg, work_dir, progress=args.progress)
     title = f"{kind} {args.task}, {args.mode} ({result.dataset['name']}, {result.dataset['splits']})"
     _print_metrics(title, result.metrics)

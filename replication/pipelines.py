@@ -307,6 +307,7 @@ def _dense_evaluate(job: Job, checkpoint, recipe: dict[str, Any], cfg: Replicate
 
     from protocols import detection, segmentation
     from protocols.common import resolve_device
+    from protocols.transfer import ProtocolDeviation
 
     subject = None
     preset = "reference" if cfg.scale == "paper" else "small"
@@ -329,7 +330,7 @@ def _dense_evaluate(job: Job, checkpoint, recipe: dict[str, Any], cfg: Replicate
                                          **overrides)
             _log(f"{step}: {run_cfg.iterations} iterations at batch {run_cfg.batch_size} on {roots[0]}", "replicate-dense")
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*reference protocol.*")  # recorded in the result
+                warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
                 result = module.run(subject, roots if detecting else roots[0], run_cfg,
                                     Path(cfg.runs) / "work" / job.name / f"{task}-{mode}", progress=cfg.progress)
             result.config["replication"] = {

@@ -99,7 +99,7 @@ def test_fcn_uses_the_plain_7x7_stem(subject):
 
 def test_voc_c4_finetune_runs_and_records_what_differs(subject, voc_root, tmp_path):
     cfg = detection.make_config("voc-c4", "small", **TINY_DET)
-    with pytest.warns(UserWarning, match="total_batch: 2 here, 16 in the voc-c4 reference"):
+    with pytest.warns(transfer.ProtocolDeviation, match="total_batch: 2 here, 16 in the voc-c4 reference"):
         result = detection.run(subject, [voc_root], cfg, tmp_path / "w", progress=False)
     assert set(result.metrics) == {"AP", "AP50", "AP75"}
     assert all(0.0 <= v <= 100.0 for v in result.metrics.values())

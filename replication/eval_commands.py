@@ -241,25 +241,11 @@ def add_eval_commands(commands) -> None:
 DENSE_TASKS = {"detection": ("voc-c4", "coco-fpn"), "segmentation": ("voc-fcn", "cityscapes-fcn")}
 
 
-def default_dense_data(task: str, progress: bool = True) -> Path:
-    """The synthetic dataset in the layout `task` reads: VOC, or COCO/Cityscapes copies of the same scenes."""
+def _dense_setup(args: argparse.Namespace) -> tuple[list[Path], dict]:
+    """Data roots and preset: the synthetic set with the `small` preset unless --data is given."""
     from protocols.common import default_voc_root
     from protocols.datasets import dense
 
-    root = default_voc_root(progress=progress)
-    if task == "coco-fpn":
-        return dense.synthetic_coco(root)
-    if task == "cityscapes-fcn":
-        return dense.synthetic_cityscapes(root)
-    return root
-
-
-SYNTHETIC_SPLITS = {"voc-c4": ("trainval", "test"), "coco-fpn": ("train2017", "val2017"),
-                    "voc-fcn": ("train", "val"), "cityscapes-fcn": ("train", "val")}
-
-
-def _dense_setup(args: argparse.Namespace) -> tuple[list[Path], dict]:
-    """Data roots and preset: the synthetic set with the `small` preset unless --data is given."""
     overrides: dict = {}
     if args.data:
         roots = [Path(p) for p in args.data]
@@ -268,9 +254,9 @@ def _dense_setup(args: argparse.Namespace) -> tuple[list[Path], dict]:
                 raise FileNotFoundError(f"data folder {root} does not exist")
         preset = args.preset or "reference"
     else:
-        roots = [default_dense_data(args.task, args.progress)]
+        root, overrides = dense.synthetic_for_task(args.task, default_voc_root(progress=args.progress))
+        roots = [root]
         preset = args.preset or "small"
-        overrides["train_split"], overrides["test_split"] = SYNTHETIC_SPLITS[args.task]
         print(f"[eval] no --data given: using the synthetic {args.task} data in {roots[0]} ({preset} preset)",
               file=sys.stderr)
     return roots, {"preset": preset, **overrides}

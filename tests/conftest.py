@@ -43,6 +43,15 @@ def pretrain_images(voc_root) -> Path:
     return voc_root / "JPEGImages"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards gain nothing from threads and crawl when the shared cores are busy (request per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(data: Path, out: Path, **overrides) -> PretrainConfig:
     """resnet18 at 32 px, 4 iterations of 8 images per epoch: seconds per run on 2 cores."""
     values = dict(

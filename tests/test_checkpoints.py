@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import tiny_config
+from conftest import tiny_config, with_random_statistics
 from torch import nn
 
 from baselines import train
@@ -29,19 +29,7 @@ from baselines.checkpoints import (
 from baselines.densecl import DenseCL
 from baselines.moco import MoCoV2
 
-
-def randomize(module: nn.Module, seed: int) -> nn.Module:
-    """Random BN statistics and affine parameters, so that a mis-assigned tensor changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for t, low in ((m.weight, 0.5), (m.running_var, 0.5)):
-                    t.copy_(torch.rand(t.shape, generator=generator) + low)
-                for t in (m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=generator) * 0.1)
-                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_key_encoder(model: MoCoV2) -> MoCoV2:
@@ -52,25 +40,16 @@ def perturb_key_encoder(model: MoCoV2) -> MoCoV2:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These 2-image forwards gain nothing from threads and crawl when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def densecl():
     torch.manual_seed(0)
-    return perturb_key_encoder(DenseCL(randomize(create_backbone("resnet18"), seed=1), queue_size=8)).eval()
+    return perturb_key_encoder(DenseCL(with_random_statistics(create_backbone("resnet18"), seed=1), queue_size=8)).eval()
 
 
 @pytest.fixture(scope="module")
 def moco():
     torch.manual_seed(1)
-    return perturb_key_encoder(MoCoV2(randomize(create_backbone("resnet18"), seed=2), queue_size=8)).eval()
+    return perturb_key_encoder(MoCoV2(with_random_statistics(create_backbone("resnet18"), seed=2), queue_size=8)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -211,14 +190,14 @@ def test_official_extraction_of_densecl_is_318_keys_in_torchvision_order():
 
 
 def test_torchvision_and_timm_classifiers_drop_fc_and_match_their_trunks(images, tmp_path):
-    tv = randomize(torchvision.models.resnet18(), seed=4).eval()
+    tv = with_random_statistics(torchvision.models.resnet18(), seed=4).eval()
     loaded = load_backbone(save(tv.state_dict(), tmp_path / "tv.pth"))
     assert loaded.checkpoint_format == "torchvision"
     with torch.no_grad():
         trunk = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool, tv.layer1, tv.layer2, tv.layer3, tv.layer4)
         assert torch.equal(loaded(images)["feature5"], trunk(images))
 
-    tm = randomize(timm.create_model("resnet18", pretrained=False), seed=5).eval()
+    tm = with_random_statistics(timm.create_model("resnet18", pretrained=False), seed=5).eval()
     loaded = load_backbone(save(tm.state_dict(), tmp_path / "timm.pth"))
     with torch.no_grad():
         assert torch.equal(loaded(images)["feature5"], tm.forward_features(images))

@@ -29,16 +29,9 @@ from baselines.convert import (
 )
 from baselines.densecl import DenseCL
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCH = "resnet18"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards gain nothing from threads and crawl when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -395,3 +395,17 @@ def _write_cityscapes(voc_root: Path, tmp: Path) -> dict:
 def synthetic_cityscapes(voc_root: Path, out: Path | None = None) -> Path:
     """A Cityscapes-layout copy of a synthetic VOC set (train = trainval, val = test), made once and cached."""
     return _build_cached(voc_root, out, "-cityscapes", _write_cityscapes)
+
+
+# Each dense task's split names in its synthetic copy: VOC Main / Segmentation lists, COCO and Cityscapes folders.
+SYNTHETIC_SPLITS = {"voc-c4": ("trainval", "test"), "coco-fpn": ("train2017", "val2017"),
+                    "voc-fcn": ("train", "val"), "cityscapes-fcn": ("train", "val")}
+
+
+def synthetic_for_task(task: str, voc_root: Path) -> tuple[Path, dict[str, str]]:
+    """The synthetic scenes of `voc_root` in the layout `task` reads, and its {"train_split", "test_split"}."""
+    if task not in SYNTHETIC_SPLITS:
+        raise ValueError(f"unknown dense task {task!r}; choose from {', '.join(SYNTHETIC_SPLITS)}")
+    root = {"coco-fpn": synthetic_coco, "cityscapes-fcn": synthetic_cityscapes}.get(task, Path)(voc_root)
+    train_split, test_split = SYNTHETIC_SPLITS[task]
+    return root, {"train_split": train_split, "test_split": test_split}

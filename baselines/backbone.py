@@ -17,6 +17,17 @@ _REDUCTIONS = (2, 4, 8, 16, 32)
 CONV_INITS = ("openselfsup", "timm")
 
 
+def layer_list(text: str) -> tuple[str, ...]:
+    """`feature3,feature5` or `all` -> the stage names; anything else is a one-line error."""
+    if text == "all":
+        return FEATURE_NAMES
+    layers = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
+    if unknown or not layers:
+        raise ValueError(f"unknown layer(s) {unknown or text!r}: use feature1..feature5 or 'all'")
+    return layers
+
+
 class Backbone(nn.Module):
     """A timm `features_only` trunk whose forward returns `{feature1: ..., ..., feature5: ...}`."""
 

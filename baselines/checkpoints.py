@@ -18,7 +18,8 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class BackboneState(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     format: str
     arch: str | None
+    pretraining: Mapping[str, Any] = MappingProxyType({})  # method, epochs, data as the file declares them
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, device: str 
     backbone = create_backbone(arch)
     backbone.load_state_dict(state.state_dict, strict=True)
     backbone.checkpoint_format = state.format
+    backbone.declared_pretraining = dict(state.pretraining)
     return backbone.to(device).eval()
 
 
@@ -130,7 +133,8 @@ def backbone_state_from_checkpoint(checkpoint: object) -> BackboneState:
     if format_name == "detectron2":
         state = {detectron2_to_torchvision_key(k): v for k, v in state.items()}
     backbone = extract_backbone(state, LAYOUTS[format_name])
-    return BackboneState(backbone, format_name, declared_arch(checkpoint) or infer_resnet_arch(backbone))
+    return BackboneState(backbone, format_name, declared_arch(checkpoint) or infer_resnet_arch(backbone),
+                         declared_pretraining(checkpoint))
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> object:
@@ -239,6 +243,21 @@ def declared_arch(checkpoint: object) -> str | None:
         if isinstance(checkpoint.get(section), Mapping):
             candidates.append(checkpoint[section].get("arch"))
     return next((c for c in candidates if isinstance(c, str) and c), None)
+
+
+def declared_pretraining(checkpoint: object) -> dict[str, Any]:
+    """Method, epochs and pretraining data where our own files record them (training config or export meta)."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    found: dict[str, Any] = {}
+    for section in (checkpoint.get("config"), checkpoint.get("meta"), checkpoint):
+        if not isinstance(section, Mapping):
+            continue
+        for key in ("method", "epochs", "pretrain_data"):
+            value = section.get(key)
+            if key not in found and isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+                found[key] = value
+    return found
 
 
 def infer_resnet_arch(state: Mapping[str, torch.Tensor]) -> str | None:

@@ -11,10 +11,14 @@ import argparse
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from baselines.infra import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -28,12 +32,31 @@ def option(default, help: str, **kwargs):
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
-def _field_types(cls) -> dict[str, type]:
+def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(name: str, value, kind: type, source: str):
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(`X`, True) for `X | None`; (kind, False) otherwise."""
+    args = typing.get_args(kind)
+    if (typing.get_origin(kind) in (typing.Union, types.UnionType)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return kind, False
+
+
+def _element(kind: Any) -> Any | None:
+    """The element type of `tuple[X, ...]` / `tuple[X, X]`, else None."""
+    if typing.get_origin(kind) is tuple:
+        args = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        if args and all(a == args[0] for a in args):
+            return args[0]
+    return None
+
+
+def _scalar(name: str, value, kind: type, source: str):
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -46,7 +69,23 @@ def _coerce(name: str, value, kind: type, source: str):
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: {name!r} must be {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _coerce(name: str, value, kind: Any, source: str):
+    kind, optional = _optional(kind)
+    if value is None and optional:
+        return None
+    element = _element(kind)
+    if element is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {name!r} must be a list, got {value!r}")
+        return tuple(_scalar(name, v, element, source) for v in value)
+    if typing.get_origin(kind) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name!r} must be a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(name, value, kind, source)
 
 
 def from_dict(cls, values: dict, source: str = "config"):
@@ -88,20 +127,88 @@ def read_yaml(name_or_path: str) -> dict:
     return values
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--flag` per field; flags not given on the command line leave the value alone."""
+def _flag_parser(kind: type, name: str):
+    """argparse `type=` for one scalar: numbers and strings as argparse reads them, with a clear error."""
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _checked(parse):
+    """A field's own flag parser, its ValueError shown by argparse as the message it carries."""
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    checked.__name__ = getattr(parse, "__name__", "value")
+    return checked
+
+
+def _list_parser(element: type, allowed: tuple | None):
+    """`a,b,c` -> a tuple of `element`s (each one of `allowed` when given)."""
+    def parse(text: str) -> tuple:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        try:
+            parsed = tuple(element(v) for v in values)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {element.__name__} values, got {text!r}") from None
+        bad = [v for v in parsed if allowed and v not in allowed]
+        if bad or not parsed:
+            shown = f"; choose from {', '.join(map(str, allowed))}" if allowed else ""
+            raise argparse.ArgumentTypeError(f"bad value(s) {bad or text!r}{shown}")
+        return parsed
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                  defaults: dict[str, Any] | None = None) -> None:
+    """One `--flag` per field of the dataclass `cls`; flags not given leave the value alone.
+
+    Field metadata: `help`, `choices`, and `parse` (a function of the flag text, for special syntax such
+    as `--layers all`). `tuple[X, ...]` fields take comma lists, `X | None` fields take X, bools take
+    `--flag/--no-flag`. The help shows the default the run will really use (`defaults` overrides the
+    dataclass's, for protocols whose preset changes it).
+    """
     kinds = _field_types(cls)
+    shown = defaults or {}
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        kind = kinds[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        kind, _ = _optional(kinds[f.name])
+        default = shown.get(f.name, f.default if f.default is not dataclasses.MISSING else
+                            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("help", "")
+        element = _element(kind)
+        if choices:
+            text += f" (one of: {', '.join(map(str, choices))})" if element is None else \
+                f" (comma list of: {', '.join(map(str, choices))})"
+        if "default:" not in text:
+            text += f" (default: {_show(default)})"
+        common = dict(default=argparse.SUPPRESS, help=text, dest=f.name)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif "parse" in f.metadata:
+            parser.add_argument(flag, type=_checked(f.metadata["parse"]), metavar=f.name.upper(), **common)
+        elif element is not None:
+            parser.add_argument(flag, type=_list_parser(element, choices), metavar="A,B,...", **common)
+        elif typing.get_origin(kind) is dict:
+            continue  # mappings are set from a config file, not a flag
         else:
-            parser.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(),
-                choices=f.metadata.get("choices"),
-            )
+            parser.add_argument(flag, type=_flag_parser(kind, f.name), metavar=f.name.upper(), choices=choices,
+                                **common)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "none"
+    return repr(value)
 
 
 def resolve(cls, config_file: str | None, args: argparse.Namespace | dict | None = None):
@@ -116,7 +223,4 @@ def resolve(cls, config_file: str | None, args: argparse.Namespace | dict | None
 
 def write_yaml(config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -31,6 +31,7 @@ from baselines.checkpoints import (
     summarize_keys,
 )
 from baselines.files import file_sha256
+from baselines.infra import atomic_file
 
 TARGETS: dict[str, str] = {
     "detectron2": "detectron2 .pkl (convert-pretrain-to-detectron2.py renames, matching_heuristics)",
@@ -276,20 +277,14 @@ def _keys_left_to_model(
 def _write_verified(payload: object, out: Path, target: str, expected: Mapping[str, torch.Tensor]) -> None:
     """Save to a temporary file beside `out`, read it back safely and compare, then rename into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if target == "detectron2":
-                # Plain pickle of containers and numpy arrays, as the official script writes (§4).
-                pickle.dump(payload, f, protocol=_PICKLE_PROTOCOL)
-            else:
-                torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _check_reads_back(tmp, target, expected)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as f:
+        if target == "detectron2":
+            # Plain pickle of containers and numpy arrays, as the official script writes (§4).
+            pickle.dump(payload, f, protocol=_PICKLE_PROTOCOL)
+        else:
+            torch.save(payload, f)
+        f.flush()
+        _check_reads_back(Path(f.name), target, expected)  # the temporary file, before it replaces anything
 
 
 def _check_reads_back(path: Path, target: str, expected: Mapping[str, torch.Tensor]) -> None:

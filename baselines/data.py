@@ -9,13 +9,16 @@ mid-epoch sees exactly the images and views it would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
+
+from baselines.infra import derived_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -50,17 +53,22 @@ def find_images(data: str | os.PathLike, root: str | os.PathLike | None = None) 
     return files
 
 
+def data_name(data: str | os.PathLike) -> str:
+    """A short name for the pretraining data: the `name` in a generated set's `dataset.json` (in the folder or
+    the folder above, as for `<synthetic>/JPEGImages`), else the folder or list file's own name."""
+    data = Path(data)
+    for folder in (data, data.parent):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return str(json.loads((folder / "dataset.json").read_text())["name"])
+    return data.name
+
+
 def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from err
-
-
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class PretrainImages(Dataset):

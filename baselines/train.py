@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,19 +34,26 @@ from baselines import config as configs
 from baselines.augment import TwoViews, mocov2_augmentation
 from baselines.backbone import CONV_INITS, create_backbone
 from baselines.config import option
-from baselines.data import PretrainImages, PretrainSampler, find_images
-from baselines.densecl import DenseCL
-from baselines.moco import MoCoV2
+from baselines.data import PretrainImages, PretrainSampler, data_name, find_images
+from baselines.infra import (
+    Interrupted,
+    StopRequest,
+    atomic_torch_save,
+    atomic_write_text,
+    link_or_copy,
+    provenance,
+    seed_everything,
+)
+from baselines.methods import METHODS
 
 CHECKPOINT_FORMAT = "densecl-bench/pretrain"
-METHODS = ("mocov2", "densecl")
 
 
 @dataclass
 class PretrainConfig:
     """Defaults are the official DenseCL ImageNet-200ep recipe (spec §3); presets hold the others."""
 
-    method: str = option("densecl", "pretraining method", choices=METHODS)
+    method: str = option("densecl", "pretraining method", choices=tuple(METHODS))
     arch: str = option("resnet50", "timm CNN with five reductions (resnet18, resnet50, ...)")
     data: str = option("", "image folder (read recursively) or list file of '<path> [label]' lines")
     data_root: str = option("", "root of the relative paths in a list file (default: its folder)")
@@ -115,30 +122,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class TrainingInterrupted(RuntimeError):
-    pass
-
-
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     """lr_e = base * 0.5 * (1 + cos(pi * e / E)) for the whole (0-indexed) epoch e (spec §3)."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def build_model(cfg: PretrainConfig) -> MoCoV2:
-    backbone = create_backbone(cfg.arch, conv_init=cfg.conv_init)
-    common = dict(
-        dim=cfg.dim, hidden_dim=cfg.hidden_dim or None, queue_size=cfg.queue_size,
-        momentum=cfg.moco_momentum, temperature=cfg.temperature, bn_group_size=cfg.bn_group_size,
-    )
-    if cfg.method == "mocov2":
-        return MoCoV2(backbone, **common)
-    return DenseCL(backbone, loss_lambda=cfg.loss_lambda, lambda_warmup_iters=cfg.lambda_warmup_iters, **common)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The method's pretraining model on a freshly initialised backbone (seed first for a reproducible init)."""
+    return METHODS[cfg.method].build(create_backbone(cfg.arch, conv_init=cfg.conv_init), cfg)
 
 
 def rng_state() -> dict:
@@ -159,48 +150,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Point `dst` at `src`'s content atomically (a hard link where the filesystem allows)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def run_metadata() -> dict:
-    import timm
-    import torchvision
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "python": sys.version.split()[0],
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "timm": str(timm.__version__),
-    }
 
 
 @dataclass
@@ -246,28 +195,6 @@ class Distributed:
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint after the current iteration and stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _ignore_signals_in_worker(worker_id: int) -> None:
@@ -386,7 +313,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
             "bad_images": sorted(self._all_bad_images()),
-            "meta": run_metadata(),
+            "meta": provenance(),
         }
 
     def _all_bad_images(self) -> set[int]:
@@ -405,10 +332,10 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             if keep:
                 kept = self.ckpt_dir / f"epoch_{self.position.epoch:04d}.pth"
-                atomic_save(state, kept)
+                atomic_torch_save(state, kept)
                 link_or_copy(kept, last)
             else:
-                atomic_save(state, last)
+                atomic_torch_save(state, last)
         self.dist.barrier()
         return last
 
@@ -433,9 +360,10 @@ class Trainer:
             state = {
                 "state_dict": self.model.backbone.state_dict(),
                 "author": "densecl-bench",
-                "meta": {"method": self.cfg.method, "arch": self.cfg.arch, "epochs": self.cfg.epochs, **run_metadata()},
+                "meta": {"method": self.cfg.method, "arch": self.cfg.arch, "epochs": self.cfg.epochs,
+                         "pretrain_data": data_name(self.cfg.data), "seed": self.cfg.seed, **provenance()},
             }
-            atomic_save(state, path)
+            atomic_torch_save(state, path)
         self.dist.barrier()
         return path
 
@@ -454,9 +382,7 @@ class Trainer:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue
-        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.log_path)
+        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     def _write_log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -545,7 +471,7 @@ class Trainer:
             if values[-2] > 0:  # some rank was asked to stop: all stop at this same iteration
                 bar.close()
                 path = self.save(keep=False)
-                raise TrainingInterrupted(
+                raise Interrupted(
                     f"interrupted at epoch {epoch + 1}, iteration {iteration + 1}; state saved to {path}; "
                     "continue with --resume auto"
                 )

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baselines.config import option
 from protocols import transfer
-from protocols.common import BackboneUnderTest
+from protocols.common import BackboneUnderTest, resolve_device
+from protocols.registry import Protocol, Reading
 from protocols.result import ProtocolResult
 
 TASKS = ("voc-c4", "coco-fpn")
@@ -31,28 +33,23 @@ MODES, PRESETS = transfer.MODES, transfer.PRESETS
 
 
 @dataclass
-class DetectionConfig:
-    task: str = "voc-c4"
-    mode: str = "finetune"
-    iterations: int = 24000
-    batch_size: int = 16  # total images per iteration (the reference: 2 per GPU x 8 GPUs)
-    lr: float = 0.02
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    steps: tuple[int, ...] = (18000, 22000)
-    train_short_sides: tuple[int, ...] = tuple(range(480, 801, 32))
-    max_size: int = 1333
-    test_short_side: int = 800
-    rois_per_image: int = 512
-    test_proposals: int = 1000  # RPN proposals per test image (C4 runs res5 once per proposal)
-    difficult: str = "ignore"  # mmdet: difficult VOC boxes ignored in training; "train": detectron2 keeps them
-    train_split: str = "trainval"  # VOC: ImageSets/Main list of every root; COCO: train2017
-    test_split: str = "test"  # VOC: of the first root (VOC2007); COCO: val2017
-    seed: int = 0
-    save_every: int = 50
-    workers: int = 0
-    device: str = "cpu"
-    preset: str = "reference"
+class DetectionConfig(transfer.TransferSettings):
+    task: str = option("voc-c4", "voc-c4 (Faster R-CNN C4, VOC) or coco-fpn (Mask R-CNN FPN, COCO)", choices=TASKS)
+    iterations: int = option(24000, "training iterations")
+    batch_size: int = option(16, "images per iteration over all devices (the reference: 2 per GPU x 8 GPUs)")
+    lr: float = option(0.02, "base learning rate")
+    weight_decay: float = option(1e-4, "weight decay")
+    warmup_iters: int = option(100, "linear warm-up iterations")
+    steps: tuple[int, ...] = option((18000, 22000), "LR steps (x0.1), in iterations")
+    train_short_sides: tuple[int, ...] = option(tuple(range(480, 801, 32)), "multi-scale training short sides")
+    max_size: int = option(1333, "longest image side")
+    test_short_side: int = option(800, "test short side")
+    rois_per_image: int = option(512, "RoI head samples per image")
+    test_proposals: int = option(1000, "RPN proposals per test image (C4 runs res5 once per proposal)")
+    difficult: str = option("ignore", "VOC 'difficult' boxes: ignore (mmdet) or train on them (detectron2)",
+                            choices=("ignore", "train"))
+    train_split: str = option("trainval", "VOC: ImageSets/Main list of every root; COCO: train2017")
+    test_split: str = option("test", "VOC: of the first root (VOC2007); COCO: val2017")
 
     def validate(self) -> None:
         for name, value, allowed in (("task", self.task, TASKS), ("mode", self.mode, MODES),
@@ -126,13 +123,15 @@ def _data(cfg: DetectionConfig, roots: list[Path]) -> tuple[Any, Any, dict[str, 
     return train, test, info, root / "annotations" / f"instances_{cfg.test_split}.json"
 
 
-def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: DetectionConfig,
-        work_dir: str | Path, progress: bool = True) -> ProtocolResult:
+def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: DetectionConfig, *,
+        work_dir: str | Path | None, progress: bool = True) -> ProtocolResult:
     """Train the detector from `subject`'s weights in `work_dir` (resumable) and test it."""
     from protocols import mmdet_adapter
 
     cfg.validate()
     transfer.require_mm_stack("mmdet")
+    if work_dir is None:
+        raise ValueError("detection needs a work_dir for its resumable training state")
     depth = transfer.resnet_depth(subject.info["arch"])
     roots = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
     train_set, test_set, dataset_info, annotation_file = _data(cfg, roots)
@@ -142,14 +141,47 @@ def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: De
     schedule = transfer.Schedule(iterations=cfg.iterations, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  warmup_iters=cfg.warmup_iters, policy="step", steps=tuple(cfg.steps))
     return transfer.fine_tune_and_test(
-        protocol=f"det_{cfg.task.replace('-', '_')}", subject=subject, cfg=dataclasses.asdict(cfg),
+        protocol=PROTOCOL_OF_TASK[cfg.task], subject=subject, cfg=dataclasses.asdict(cfg),
         settings=settings(cfg), reference=_reference_settings(cfg.task), reference_label=f"the {cfg.task} reference protocol",
         build_model=lambda: mmdet_adapter.build_model(model_cfg), model_cfg=model_cfg,
         place=mmdet_adapter.backbone_placement(cfg.task), owned=mmdet_adapter.owned_prefixes(cfg.task),
         train_set=train_set, collate=mmdet_adapter.collate, schedule=schedule, batch_size=cfg.batch_size,
         evaluate=lambda model: mmdet_adapter.evaluate(model, test_set, cfg.task, annotation_file, progress),
-        dataset_info=dataset_info, work_dir=Path(work_dir), device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed, workers=cfg.workers,
         save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
         frozen_note=("stem+res2..res4 frozen, BN in eval; res5 (C4 RoI head) and its extra norm train"
                      if cfg.task == "voc-c4" else "stem+res2..res5 frozen, BN in eval; FPN and heads train"))
 
+
+
+PROTOCOL_OF_TASK = {"voc-c4": "det_voc_c4", "coco-fpn": "det_coco_mask_fpn"}
+METRICS = ("AP", "AP50", "AP75", "bbox_AP", "bbox_AP50", "bbox_AP75", "mask_AP", "mask_AP50", "mask_AP75")
+# Our C4 runs *are* MMSelfSup's mmdet protocol, so a fine-tuned run also answers its AP50 rows.
+MM_REIMPLEMENTATIONS = {("det_voc_c4", "AP50"): "det_voc_c4_mmdet"}
+
+
+def measurements(result: ProtocolResult) -> list[Reading]:
+    return transfer.dense_readings(result, METRICS, MM_REIMPLEMENTATIONS)
+
+
+_DET_HELP = ("Fine-tune a detector from the checkpoint's backbone (every backbone key must load) and test it. "
+             "Settings that differ from the reference (batch, LR, iterations, sizes, SyncBN) are warned about and "
+             "recorded. Without --data: the synthetic scenes with the small preset. Needs the OpenMMLab stack "
+             "(README 'Dense protocols'). The same command resumes an interrupted run.")
+_COMMON = dict(config=DetectionConfig, body=run, measurements=measurements, needs="mmdet", resumable=True)
+DET_VOC_C4 = Protocol(
+    name="det_voc_c4", summary="Faster R-CNN R50-C4 on VOC07+12, tested on VOC07 (spec §4.1-4.2)",
+    description="Faster R-CNN C4 on VOC07(+12) trainval, res5 + extra norm as the RoI head, tested on VOC07 test: "
+    "AP50 (11-point, MMSelfSup's number), AP over IoU .50:.95 and AP75 (the paper's detectron2 numbers). Pass "
+    "--data VOCdevkit/VOC2007 VOCdevkit/VOC2012 for 07+12. " + _DET_HELP,
+    metrics=("AP", "AP50", "AP75"), produces=("det_voc_c4_frozen", "det_voc_c4_mmdet", "det_voc_c4_frozen_minus_finetune"),
+    fixed={"task": "voc-c4"}, configure=transfer.preset_configure(make_config, "voc-c4"),
+    default_data=transfer.synthetic_task_data("voc-c4", several_roots=True),
+    derived=lambda rows: transfer.frozen_gap_rows(rows, "det_voc_c4", "AP"), **_COMMON)
+DET_COCO_MASK_FPN = Protocol(
+    name="det_coco_mask_fpn", summary="Mask R-CNN R50-FPN 1x on COCO: box and mask AP (spec §4.3)",
+    description="Mask R-CNN FPN 1x on COCO train2017, tested on val2017 (--data the folder with annotations/, "
+    "train2017/, val2017/): box and mask AP from pycocotools. " + _DET_HELP,
+    metrics=tuple(m for m in METRICS if m.startswith(("bbox", "mask"))), produces=("det_coco_mask_fpn_frozen",),
+    fixed={"task": "coco-fpn"}, configure=transfer.preset_configure(make_config, "coco-fpn"),
+    default_data=transfer.synthetic_task_data("coco-fpn", several_roots=True), **_COMMON)

@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
-from protocols.datasets.synthetic import cache_root
+from baselines.infra import atomic_numpy_save, atomic_write_json, cache_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,9 +122,7 @@ def extract_to(
     def flush(rows: int) -> None:
         for array in arrays.values():
             array.flush()
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"layers": layers, "rows": n, "done": rows}))
-        os.replace(tmp, marker)
+        atomic_write_json(marker, {"layers": layers, "rows": n, "done": rows}, indent=None)
 
     loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
@@ -147,13 +145,6 @@ def extract_to(
     for layer in layers:
         os.replace(partial[layer], out / f"{split}_{layer}.npy")
     marker.unlink()
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def cache_key(**parts) -> str:
@@ -188,18 +179,14 @@ def cached_features(
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "meta.json"
     if not meta.exists():
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pooling": pooling, "arch": backbone.name, **key}, indent=1, sort_keys=True))
-        os.replace(tmp, meta)
+        atomic_write_json(meta, dict(sorted({"pooling": pooling, "arch": backbone.name, **key}.items())))
     ids_file = folder / f"{split}_ids.json"
     if ids_file.exists() and json.loads(ids_file.read_text()) != list(ids):
         raise RuntimeError(f"feature cache {folder} holds other image ids for split {split!r}; delete it")
     missing = [layer for layer in layers if not (folder / f"{split}_{layer}.npy").exists()]
     if missing:
         extract_to(folder, backbone, dataset, missing, pooling, split, **extract_kwargs)
-    _atomic_npy(folder / f"{split}_labels.npy", np.asarray(labels))
+    atomic_numpy_save(folder / f"{split}_labels.npy", np.asarray(labels))
     if not ids_file.exists():
-        tmp = ids_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(ids)))
-        os.replace(tmp, ids_file)
+        atomic_write_json(ids_file, list(ids), indent=None)
     return {layer: np.load(folder / f"{split}_{layer}.npy", mmap_mode="r") for layer in layers}, folder

@@ -15,33 +15,33 @@ under 1 GB of RAM besides the page cache.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from baselines.backbone import Backbone
-from protocols.datasets.classification import ClassificationSplit, LabeledImages, load_split
+from baselines.backbone import FEATURE_NAMES
+from baselines.config import option
+from protocols.common import resolve_device
+from protocols.datasets.classification import (
+    ClassificationSplit,
+    LabeledImages,
+    check_same_classes,
+    dataset_info,
+    default_splits,
+    load_split,
+)
 from protocols.features import cached_features, center_crop_transform
-from protocols.result import ProtocolResult, checkpoint_info
+from protocols.registry import Protocol, Reading, synthetic_voc
+from protocols.result import ProtocolResult
 
 DEFAULT_KS = (10, 20, 100, 200)
 NORM_EPS = 1e-12  # F.normalize's eps (§3.1)
-
-
-def default_splits(data: str | os.PathLike) -> tuple[str, str]:
-    """(bank split, query split): ImageNet-style data has train/val, a VOC root trainval/test."""
-    if (Path(data) / "ImageSets" / "Main").is_dir():
-        return "trainval", "test"
-    return "train", "val"
 
 
 def l2_normalise(rows: np.ndarray) -> np.ndarray:
@@ -185,107 +185,78 @@ def knn_classify(
 
 @dataclass
 class KNNConfig:
-    ks: tuple[int, ...] = DEFAULT_KS
-    temperature: float = 0.07
-    train_split: str | None = None  # None: "train" (ImageNet-style) or "trainval" (VOC root)
-    test_split: str | None = None  # None: "val" or "test" (VOC root)
-    layer: str = "feature5"
-    batch_size: int = 256
-    workers: int = 0
-    device: str = "cpu"
-    bank_chunk_rows: int = 32768
-    query_chunk_rows: int = 65536
-    cache_dir: str | None = None  # None: $DENSECL_BENCH_CACHE/features
-    progress: bool = True
+    ks: tuple[int, ...] = option(DEFAULT_KS, "neighbour counts")
+    temperature: float = option(0.07, "T of the vote exp(s/T)")
+    train_split: str | None = option(None, "bank split (default: train, or trainval on a VOC root)")
+    test_split: str | None = option(None, "query split (default: val, or test on a VOC root)")
+    layer: str = option("feature5", "stage whose global-average-pooled features are compared", choices=FEATURE_NAMES)
+    batch_size: int = option(256, "images per feature-extraction batch")
+    workers: int = option(2, "data-loading processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    bank_chunk_rows: int = option(32768, "bank rows searched at once (bounds memory)")
+    query_chunk_rows: int = option(65536, "queries searched at once")
+    cache_dir: str | None = option(None, "feature cache folder (default: $DENSECL_BENCH_CACHE/features)")
 
 
-def weights_fingerprint(backbone: Backbone) -> str:
-    """sha256 of the backbone's tensors: keys the feature cache of a backbone with no checkpoint file."""
-    digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def feature_identity(backbone: Backbone, checkpoint: str | os.PathLike | dict | None) -> tuple[dict[str, Any], str]:
-    """(checkpoint provenance, the string that keys cached features for these weights).
-
-    `checkpoint` is a path, None (no file), or provenance already computed by the caller
-    (`protocols.common.BackboneUnderTest.info`), which saves hashing the file twice.
-    """
-    info = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint_info(checkpoint)
-    if info["sha256"]:
-        return info, info["sha256"]
-    # "random-init" alone would let two different random backbones share one cache entry.
-    return info, f"random-init:{weights_fingerprint(backbone)}"
-
-
-def split_features(backbone: Backbone, split: ClassificationSplit, layer: str, weights_key: str,
-                   cfg: KNNConfig) -> np.ndarray:
+def split_features(subject, split: ClassificationSplit, layer: str, cfg: KNNConfig, progress: bool) -> np.ndarray:
     root = Path(split.root)
     ids = [os.path.relpath(path, root) for path, _ in split.samples]
-    key = {"weights": weights_key, "dataset": split.fingerprint(), "transform": "resize256-centercrop224"}
+    key = {"weights": subject.cache_id, "dataset": split.fingerprint(), "transform": "resize256-centercrop224"}
     features, _ = cached_features(
-        backbone, LabeledImages(split.samples, center_crop_transform()), split.name, [layer], "gap", key,
+        subject.backbone, LabeledImages(split.samples, center_crop_transform()), split.name, [layer], "gap", key,
         np.asarray(split.labels, dtype=np.int64), ids, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
-        workers=cfg.workers, device=cfg.device, progress=cfg.progress,
+        workers=cfg.workers, device=resolve_device(cfg.device), progress=progress,
     )
     return features[layer]
 
 
-def dataset_info(data: str | os.PathLike, splits: Sequence[ClassificationSplit]) -> dict[str, Any]:
-    return {
-        "name": Path(data).name,
-        "root": str(Path(data).resolve()),
-        "layout": splits[0].layout,
-        "classes": len(splits[0].classes),
-        "splits": {s.name: len(s) for s in splits},
-        "fingerprint": {s.name: s.fingerprint() for s in splits},
-    }
-
-
-def check_same_classes(train: ClassificationSplit, test: ClassificationSplit) -> None:
-    if train.classes != test.classes:
-        raise ValueError(
-            f"splits {train.name!r} and {test.name!r} have different class lists "
-            f"({len(train.classes)} vs {len(test.classes)} classes): labels would not line up"
-        )
-
-
-def run(
-    backbone: Backbone,
-    cfg: KNNConfig,
-    data: str | os.PathLike,
-    checkpoint: str | os.PathLike | dict | None = None,
-) -> ProtocolResult:
-    """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1)."""
+def run(subject, data: str | os.PathLike, cfg: KNNConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
+    """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1); work_dir is unused."""
     default_train, default_test = default_splits(data)
     resolved = KNNConfig(**{**asdict(cfg), "train_split": cfg.train_split or default_train,
                             "test_split": cfg.test_split or default_test, "ks": tuple(cfg.ks)})
     train = load_split(data, resolved.train_split)
     test = load_split(data, resolved.test_split)
     check_same_classes(train, test)
-    info, weights_key = feature_identity(backbone, checkpoint)
     timings = {}
     start = time.perf_counter()
-    bank = split_features(backbone, train, resolved.layer, weights_key, resolved)
+    bank = split_features(subject, train, resolved.layer, resolved, progress)
     timings["features_train"] = time.perf_counter() - start
     start = time.perf_counter()
-    queries = split_features(backbone, test, resolved.layer, weights_key, resolved)
+    queries = split_features(subject, test, resolved.layer, resolved, progress)
     timings["features_test"] = time.perf_counter() - start
     start = time.perf_counter()
     metrics = knn_classify(
         bank, train.labels, queries, test.labels, ks=resolved.ks, temperature=resolved.temperature,
         num_classes=len(train.classes), bank_chunk_rows=resolved.bank_chunk_rows,
-        query_chunk_rows=resolved.query_chunk_rows, progress=resolved.progress,
+        query_chunk_rows=resolved.query_chunk_rows, progress=progress,
     )
     timings["knn"] = time.perf_counter() - start
-    config = {**asdict(resolved), "arch": backbone.name, "pooling": "gap", "num_classes": len(train.classes),
+    config = {**asdict(resolved), "arch": subject.backbone.name, "pooling": "gap", "num_classes": len(train.classes),
               "transform": "Resize(256) + CenterCrop(224) + ImageNet normalisation"}
     return ProtocolResult(
-        protocol="knn", metrics=metrics, config=config, dataset=dataset_info(data, [train, test]),
-        checkpoint=info, timings=timings,
+        protocol="knn_in1k", metrics=metrics, config=config, dataset=dataset_info(data, [train, test]),
+        checkpoint=subject.info, timings=timings,
         details={"bank_rows": len(train), "query_rows": len(test), "feature_dim": int(bank.shape[1]),
                  "tie_break": "lower class index first", "top5": "only classes with a positive vote"},
     )
+
+
+def measurements(result: ProtocolResult) -> list[Reading]:
+    """`top1@k=K` -> (knn_in1k, layer, k=K, top1), and top5 likewise."""
+    readings = []
+    layer = result.config.get("layer", "feature5")
+    for name, value in result.metrics.items():
+        metric, _, k = name.partition("@k=")
+        if value is not None and metric in ("top1", "top5") and k.isdigit():
+            readings.append(Reading("knn_in1k", metric, value, layer=layer, k=int(k)))
+    return readings
+
+
+KNN_IN1K = Protocol(
+    name="knn_in1k", summary="weighted k-NN on global-average-pooled res5 features via FAISS (spec §3)",
+    description="Weighted k-NN: L2-normalised GAP features of the last stage (Resize 256, CenterCrop 224), FAISS "
+    "inner-product search over the train split, votes sum exp(s/T) (computed without overflow), top-1/top-5 on the "
+    "val split. Data: an ImageNet-style folder (train/<class>/*, val/<class>/*), meta/{train,val}_labeled.txt list "
+    "files, or a VOC root (each image labelled by its largest object). Without --data: the synthetic VOC set.",
+    metrics=('top1', 'top5'), config=KNNConfig, body=run, measurements=measurements, default_data=synthetic_voc, aliases=("knn",))

@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,12 +30,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from baselines.backbone import FEATURE_NAMES, Backbone
-from baselines.data import derived_seed, load_rgb
-from baselines.train import atomic_save, seed_everything
-from protocols.datasets.classification import ClassificationSplit, LabeledImages, load_split
+from baselines.backbone import FEATURE_NAMES, Backbone, layer_list
+from baselines.config import option
+from baselines.data import load_rgb
+from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
+from protocols.common import resolve_device
+from protocols.datasets.classification import (
+    ClassificationSplit,
+    LabeledImages,
+    check_same_classes,
+    dataset_info,
+    default_splits,
+    load_split,
+)
 from protocols.features import IMAGENET_MEAN, IMAGENET_STD, SVM_POOLS, svm_pool
-from protocols.knn import check_same_classes, dataset_info, default_splits, feature_identity
+from protocols.registry import Protocol, Reading, synthetic_voc
 from protocols.result import ProtocolResult
 
 SPEC_IMAGE_SIZE = 224
@@ -55,43 +62,52 @@ class Recipe:
     nesterov: bool
     weight_decay: float
     layers: tuple[str, ...]
+    head: str  # "mhead": pool -> BN -> fc per stage; "avgpool": GAP -> fc on feature5
+    augment: str  # "imagenet-mhead", "crop-flip" or "places" (see train_transform)
     batch_size: int = 256
     momentum: float = 0.9
 
 
 RECIPES = {
     # §2.1 `r50_multihead.py`: step [30, 60, 90] over 90 epochs (the step at 90 never fires).
-    "mhead": Recipe(epochs=90, milestones=(30, 60), lr=0.01, nesterov=True, weight_decay=1e-4, layers=FEATURE_NAMES),
+    "mhead": Recipe(epochs=90, milestones=(30, 60), lr=0.01, nesterov=True, weight_decay=1e-4, layers=FEATURE_NAMES,
+                    head="mhead", augment="imagenet-mhead"),
     # §2.3 `r50_last.py` = MoCo `main_lincls.py`.
-    "avgpool": Recipe(epochs=100, milestones=(60, 80), lr=30.0, nesterov=False, weight_decay=0.0, layers=("feature5",)),
+    "avgpool": Recipe(epochs=100, milestones=(60, 80), lr=30.0, nesterov=False, weight_decay=0.0,
+                      layers=("feature5",), head="avgpool", augment="crop-flip"),
+    # §2.2 Places205 `r50_multihead.py`: the mhead model, steps [7, 14, 21] over 28 epochs (21 fires), no colour aug.
+    "places205": Recipe(epochs=28, milestones=(7, 14, 21), lr=0.01, nesterov=True, weight_decay=1e-4,
+                        layers=FEATURE_NAMES, head="mhead", augment="places"),
 }
 
 # Fields that change the numbers: a resumed run must agree on all of them.
-RESULT_FIELDS = ("variant", "epochs", "milestones", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
+RESULT_FIELDS = ("variant", "probe_epochs", "milestones", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
                  "image_size", "layers", "train_split", "test_split", "seed")
 
 
 @dataclass
 class LinearConfig:
-    variant: str = "mhead"  # "mhead" (§2.1) or "avgpool" (§2.3)
-    epochs: int | None = None  # None: 90 (mhead) / 100 (avgpool)
-    milestones: tuple[int, ...] | None = None  # None: the recipe's steps at the same fractions of `epochs`
-    batch_size: int = 256
-    lr: float | None = None  # None: 0.01 (mhead) / 30 (avgpool), at batch 256
-    scale_lr: bool = False  # multiply lr by batch_size / 256 (linear scaling)
-    weight_decay: float | None = None  # None: 1e-4 (mhead) / 0 (avgpool)
-    momentum: float = 0.9
-    nesterov: bool | None = None  # None: True (mhead) / False (avgpool)
-    image_size: int = SPEC_IMAGE_SIZE  # < 224 only for small runs: pools then adapt to the §1.3 grids
-    layers: tuple[str, ...] | None = None  # mhead: a subset of the five heads; None: all
-    train_split: str | None = None  # None: "train" (ImageNet-style) or "trainval" (VOC root)
-    test_split: str | None = None  # None: "val" or "test" (VOC root)
-    seed: int = 0
-    workers: int = 0
-    device: str = "cpu"
-    eval_every: int = 0  # also evaluate every N epochs (0: only at the end)
-    checkpoint_seconds: float = 600.0  # mid-epoch state saves when `out` is given
-    progress: bool = True
+    variant: str = option("mhead", "recipe: mhead (§2.1), avgpool (§2.3) or places205 (§2.2)", choices=tuple(RECIPES))
+    probe_epochs: int | None = option(None, "training epochs of the heads (default: the recipe's 90/100/28; the LR "
+                                      "steps scale with it)")
+    milestones: tuple[int, ...] | None = option(None, "LR steps in epochs (default: the recipe's at the same "
+                                                "fractions of --probe-epochs)")
+    batch_size: int = option(256, "training batch")
+    lr: float | None = option(None, "base LR at batch 256 (default: the recipe's 0.01 / 30)")
+    scale_lr: bool = option(False, "multiply the LR by batch/256 (linear scaling)")
+    weight_decay: float | None = option(None, "weight decay (default: the recipe's 1e-4 / 0)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool | None = option(None, "Nesterov momentum (default: the recipe's)")
+    image_size: int = option(SPEC_IMAGE_SIZE, "crop size; < 224 only for small runs (pools adapt to the §1.3 grids)")
+    layers: tuple[str, ...] | None = option(None, "mhead heads to train: comma list of feature1..feature5 or 'all' "
+                                            "(default: all five)", parse=layer_list)
+    train_split: str | None = option(None, "default: train, or trainval on a VOC root")
+    test_split: str | None = option(None, "default: val, or test on a VOC root")
+    seed: int = option(0, "seeds the head init, the epoch order and every augmentation")
+    workers: int = option(2, "data-loading processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    eval_every: int = option(0, "also evaluate every N epochs (0: only at the end)")
+    checkpoint_seconds: float = option(600.0, "mid-epoch state saves, seconds apart (with a work dir)")
 
 
 def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
@@ -114,12 +130,12 @@ def resolve_config(cfg: LinearConfig, data: str | os.PathLike) -> tuple[LinearCo
     if cfg.variant not in RECIPES:
         raise ValueError(f"unknown linear-probe variant {cfg.variant!r}: choose from {', '.join(RECIPES)}")
     recipe = RECIPES[cfg.variant]
-    epochs = recipe.epochs if cfg.epochs is None else int(cfg.epochs)
+    epochs = recipe.epochs if cfg.probe_epochs is None else int(cfg.probe_epochs)
     if epochs < 1 or cfg.batch_size < 1 or cfg.image_size < 32:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, image_size >= 32; "
                          f"got {epochs}, {cfg.batch_size}, {cfg.image_size}")
     layers = recipe.layers if cfg.layers is None else tuple(cfg.layers)
-    if cfg.variant == "avgpool" and layers != ("feature5",):
+    if recipe.head == "avgpool" and layers != ("feature5",):
         raise ValueError("the avgpool probe (§2.3) has a single head on feature5")
     unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
     if unknown or not layers:
@@ -130,7 +146,7 @@ def resolve_config(cfg: LinearConfig, data: str | os.PathLike) -> tuple[LinearCo
     lr = base_lr * cfg.batch_size / recipe.batch_size if cfg.scale_lr else base_lr
     default_train, default_test = default_splits(data)
     resolved = replace(
-        cfg, epochs=epochs, milestones=milestones, lr=lr, layers=layers,
+        cfg, probe_epochs=epochs, milestones=milestones, lr=lr, layers=layers, device=str(resolve_device(cfg.device)),
         weight_decay=recipe.weight_decay if cfg.weight_decay is None else float(cfg.weight_decay),
         nesterov=recipe.nesterov if cfg.nesterov is None else bool(cfg.nesterov),
         train_split=cfg.train_split or default_train, test_split=cfg.test_split or default_test,
@@ -166,12 +182,12 @@ def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: 
                 layers: Sequence[str] | None = None) -> nn.ModuleDict:
     """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1)."""
     heads = nn.ModuleDict()
-    if variant == "avgpool":
+    if variant not in RECIPES:
+        raise ValueError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
+    if RECIPES[variant].head == "avgpool":
         channels = backbone.channels["feature5"]
         heads["feature5"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear_layer(channels, num_classes))
         return heads
-    if variant != "mhead":
-        raise ValueError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
     for layer in layers or FEATURE_NAMES:
         channels, grid = backbone.channels[layer], spec_grid(layer, backbone.reductions[layer])
         heads[layer] = nn.Sequential(
@@ -208,9 +224,15 @@ class Lighting:
 
 
 def train_transform(variant: str, image_size: int = SPEC_IMAGE_SIZE) -> T.Compose:
+    augment = RECIPES[variant].augment
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if augment == "places":  # §2.2: Resize(256) -> CenterCrop(256) -> RandomCrop(224) -> flip, no colour aug
+        side = round(image_size * 256 / SPEC_IMAGE_SIZE)
+        return T.Compose([T.Resize(side), T.CenterCrop(side), T.RandomCrop(image_size), T.RandomHorizontalFlip(),
+                          *normalise])
     crop_flip = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    if variant == "avgpool":  # §2.3: crop + flip only
-        return T.Compose([*crop_flip, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if augment == "crop-flip":  # §2.3: crop + flip only
+        return T.Compose([*crop_flip, *normalise])
     return T.Compose([*crop_flip, T.ColorJitter(0.4, 0.4, 0.4, 0.0), T.ToTensor(), Lighting(0.1),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -283,31 +305,6 @@ def frozen(backbone: nn.Module) -> Iterator[nn.Module]:
         backbone.train(was_training)
 
 
-class StopRequest:
-    """Set by SIGINT/SIGTERM; the loop checks it between iterations, so saved states are consistent."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """SIGINT/SIGTERM become a `StopRequest` for the block (main thread only); old handlers come back."""
-    request = StopRequest()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request.handle)
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def train_step(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
                images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """One shared backbone forward, one CE loss per head, their sum back-propagated (§2.1)."""
@@ -322,7 +319,7 @@ def train_step(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim
 
 @torch.no_grad()
 def evaluate(backbone: nn.Module, heads: nn.ModuleDict, split: ClassificationSplit, cfg: LinearConfig,
-             num_classes: int) -> dict[str, float]:
+             num_classes: int, progress: bool = True) -> dict[str, float]:
     """Top-1/top-5 (x100) of every head on the centre-cropped split."""
     heads.eval()
     device = torch.device(cfg.device)
@@ -330,7 +327,7 @@ def evaluate(backbone: nn.Module, heads: nn.ModuleDict, split: ClassificationSpl
                         shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     top1 = dict.fromkeys(heads, 0)
     top5 = dict.fromkeys(heads, 0)
-    for images, labels, _ in tqdm(loader, desc=f"evaluate {split.name}", disable=not cfg.progress, dynamic_ncols=True):
+    for images, labels, _ in tqdm(loader, desc=f"evaluate {split.name}", disable=not progress, dynamic_ncols=True):
         features = backbone(images.to(device, non_blocking=True))
         labels = labels.to(device)
         for layer, head in heads.items():
@@ -356,7 +353,7 @@ def run_identity(cfg: LinearConfig, weights_key: str, train: ClassificationSplit
 
 def save_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
                state: TrainingState) -> None:
-    atomic_save({"version": STATE_VERSION, "identity": identity, "heads": heads.state_dict(),
+    atomic_torch_save({"version": STATE_VERSION, "identity": identity, "heads": heads.state_dict(),
                  "optimizer": optimizer.state_dict(), "state": asdict(state)}, path)
 
 
@@ -377,7 +374,7 @@ def load_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict,
 
 def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
                 data: SeededImages, state: TrainingState, cfg: LinearConfig, checkpoint: Any,
-                stop: StopRequest) -> bool:
+                stop: StopRequest, progress: bool = True) -> bool:
     """Train from `state.iteration` to the end of `state.epoch`; False when a stop was requested."""
     device = torch.device(cfg.device)
     order = EpochOrder(len(data), cfg.seed, state.epoch, start=state.iteration * cfg.batch_size)
@@ -387,7 +384,7 @@ def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.opti
     heads.train()
     last_save = time.monotonic()
     bar = tqdm(total=math.ceil(len(data) / cfg.batch_size), initial=state.iteration,
-               desc=f"linear epoch {state.epoch + 1}/{cfg.epochs}", disable=not cfg.progress, dynamic_ncols=True)
+               desc=f"linear epoch {state.epoch + 1}/{cfg.probe_epochs}", disable=not progress, dynamic_ncols=True)
     try:
         for images, labels in loader:
             losses = train_step(backbone, heads, optimizer, images.to(device, non_blocking=True), labels.to(device))
@@ -397,7 +394,7 @@ def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.opti
             state.iteration += 1
             bar.update()
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-            if stop.signal is not None:
+            if stop.requested:
                 checkpoint()
                 return False
             if time.monotonic() - last_save > cfg.checkpoint_seconds:
@@ -408,30 +405,26 @@ def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.opti
     return True
 
 
-def run(
-    backbone: Backbone,
-    cfg: LinearConfig,
-    data: str | os.PathLike,
-    checkpoint: str | os.PathLike | dict | None = None,
-    out: str | os.PathLike | None = None,
-) -> ProtocolResult:
+def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | os.PathLike | None = None,
+        progress: bool = True) -> ProtocolResult:
     """Train the heads on `train_split` and report top-1/top-5 per head on `test_split`.
 
-    With `out`, the run resumes from `<out>/linear_state.pt` when one with the same config exists.
+    With `work_dir`, the run resumes from `<work_dir>/linear_state.pt` when one with the same config exists,
+    and an interrupted run (SIGINT/SIGTERM) saves its state there first.
     """
+    backbone = subject.backbone
     cfg, derivation = resolve_config(cfg, data)
     train = load_split(data, cfg.train_split)
     test = load_split(data, cfg.test_split)
     check_same_classes(train, test)
     num_classes = len(train.classes)
-    info, weights_key = feature_identity(backbone, checkpoint)
-    identity = run_identity(cfg, weights_key, train, num_classes)
+    identity = run_identity(cfg, subject.cache_id, train, num_classes)
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
     heads = build_heads(backbone, cfg.variant, num_classes, cfg.image_size, cfg.layers).to(device)
     optimizer = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
-    state_path = Path(out) / STATE_FILE if out is not None else None
+    state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
     state = TrainingState()
     resumed_from = None
     if state_path is not None:
@@ -447,25 +440,26 @@ def run(
     train_data = SeededImages(train.samples, train_transform(cfg.variant, cfg.image_size), cfg.seed)
     start = time.perf_counter()
     with frozen(backbone.to(device)):
-        while state.epoch < cfg.epochs:
+        while state.epoch < cfg.probe_epochs:
             lr = lr_at(state.epoch, cfg.lr, cfg.milestones)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with stop_on_signals() as stop:  # evaluations keep the default handlers: Ctrl-C stops them at once
-                finished = train_epoch(backbone, heads, optimizer, train_data, state, cfg, checkpoint_now, stop)
+            with StopRequest() as stop:  # evaluations keep the default handlers: Ctrl-C stops them at once
+                finished = train_epoch(backbone, heads, optimizer, train_data, state, cfg, checkpoint_now, stop,
+                                       progress)
             if not finished:
                 saved = f"; state saved to {state_path}" if state_path else ""
-                raise KeyboardInterrupt(f"linear probe stopped by signal {stop.signal} at epoch {state.epoch} "
-                                        f"iteration {state.iteration}{saved}")
+                raise Interrupted(f"linear probe stopped by signal {stop.signal} at epoch {state.epoch} "
+                                  f"iteration {state.iteration}{saved}; run the same command to resume")
             state.history.append({"epoch": state.epoch + 1, "lr": lr,
                                   "loss": {layer: s / state.seen for layer, s in state.loss_sums.items()}})
             state.epoch, state.iteration, state.loss_sums, state.seen = state.epoch + 1, 0, {}, 0
-            if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.epoch < cfg.epochs:
-                state.evaluations[state.epoch] = evaluate(backbone, heads, test, cfg, num_classes)
+            if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.epoch < cfg.probe_epochs:
+                state.evaluations[state.epoch] = evaluate(backbone, heads, test, cfg, num_classes, progress)
             checkpoint_now()
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = evaluate(backbone, heads, test, cfg, num_classes)
+        metrics = evaluate(backbone, heads, test, cfg, num_classes, progress)
         eval_seconds = time.perf_counter() - start
     best = max(heads, key=lambda layer: metrics[f"{layer}/top1"])
     metrics["best/top1"] = metrics[f"{best}/top1"]
@@ -474,9 +468,45 @@ def run(
               "train_transform": repr(train_transform(cfg.variant, cfg.image_size)),
               "eval_transform": repr(eval_transform(cfg.image_size))}
     return ProtocolResult(
-        protocol="linear", metrics=metrics, config=config, dataset=dataset_info(data, [train, test]), checkpoint=info,
+        protocol=PROTOCOL_OF_VARIANT[cfg.variant], metrics=metrics, config=config,
+        dataset=dataset_info(data, [train, test]), checkpoint=subject.info,
         timings={"train": train_seconds, "evaluate": eval_seconds},
         details={"best_layer": best, "head_dims": head_dims(heads), "history": state.history,
                  "evaluations": state.evaluations, "resumed_from": resumed_from,
                  "state_file": str(state_path) if state_path else None},
     )
+
+
+PROTOCOL_OF_VARIANT = {"avgpool": "linear_in1k", "mhead": "linear_in1k_mhead", "places205": "linear_places205_mhead"}
+
+
+def measurements(result: ProtocolResult) -> list[Reading]:
+    """`<layer>/top1` -> (protocol, layer, top1), and top5 likewise; the best-head summary is left out."""
+    readings = []
+    for name, value in result.metrics.items():
+        layer, _, metric = name.partition("/")
+        if value is not None and layer != "best" and metric in ("top1", "top5"):
+            readings.append(Reading(result.protocol, metric, value, layer=layer))
+    return readings
+
+
+_LINEAR_HELP = ("The backbone stays frozen in eval mode. Data: an ImageNet-style folder (train/<class>/*, "
+                "val/<class>/*), meta/{train,val}_labeled.txt list files, or a VOC root (largest object per image). "
+                "--probe-epochs scales the LR steps; the resolved schedule is recorded. With --work-dir the run is "
+                "resumable (nothing lost on Ctrl-C).")
+_COMMON = dict(config=LinearConfig, body=run, measurements=measurements, default_data=synthetic_voc,
+               metrics=("top1", "top5"), resumable=True)
+LINEAR_IN1K = Protocol(
+    name="linear_in1k", summary="ImageNet linear probe on GAP res5, the MoCo recipe (spec §2.3)",
+    description="GAP res5 -> Linear, SGD lr 30, wd 0, steps 60/80 of 100 epochs, batch 256, crop+flip. " + _LINEAR_HELP,
+    fixed={"variant": "avgpool"}, **_COMMON)
+LINEAR_IN1K_MHEAD = Protocol(
+    name="linear_in1k_mhead", summary="ImageNet linear heads on each frozen stage, OpenSelfSup r50_multihead (§2.1)",
+    description="Per stage AvgPool -> BN without affine -> Linear, SGD lr 0.01 Nesterov wd 1e-4, steps 30/60 of 90 "
+    "epochs, batch 256, crop+flip+colour jitter+Lighting. " + _LINEAR_HELP,
+    fixed={"variant": "mhead"}, **_COMMON)
+LINEAR_PLACES205_MHEAD = Protocol(
+    name="linear_places205_mhead", summary="Places205 linear heads on each frozen stage (spec §2.2)",
+    description="The mhead model on Places205 (205 classes): steps 7/14/21 of 28 epochs, Resize 256 -> CenterCrop "
+    "256 -> RandomCrop 224 -> flip, no colour augmentation. " + _LINEAR_HELP,
+    fixed={"variant": "places205"}, **_COMMON)

@@ -17,13 +17,16 @@ from baselines.files import file_sha256
 
 @dataclass
 class ProtocolResult:
-    protocol: str  # e.g. "voc07_svm", "voc07_lowshot", "knn", "linear"
+    protocol: str  # the claims' protocol_id, e.g. "voc07_svm", "knn_in1k" (protocols.registry)
     metrics: dict[str, float]  # flat names, e.g. "feature5/mAP", "best/mAP", "top1@k=20"
     config: dict[str, Any]  # the fully resolved protocol config
     dataset: dict[str, Any]  # name, root, split sizes, content hash
     checkpoint: dict[str, Any] = field(default_factory=dict)  # path, sha256, detected format
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     details: dict[str, Any] = field(default_factory=dict)  # protocol-specific tables (chosen costs, CV table, ...)
+    # What the verdicts match claims on: method, pretrain_data, epochs, arch, seed of the weights under test.
+    pretraining: dict[str, Any] = field(default_factory=dict)
+    scale: str = ""  # "small" (synthetic data or weights, or a CPU preset) or "paper"; set by Protocol.run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

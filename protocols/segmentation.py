@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baselines.config import option
 from protocols import transfer
-from protocols.common import BackboneUnderTest
+from protocols.common import BackboneUnderTest, resolve_device
+from protocols.registry import Protocol, Reading
 from protocols.result import ProtocolResult
 
 TASKS = ("voc-fcn", "cityscapes-fcn")
@@ -30,25 +32,19 @@ MODES, PRESETS = transfer.MODES, transfer.PRESETS
 
 
 @dataclass
-class SegmentationConfig:
-    task: str = "voc-fcn"
-    mode: str = "finetune"
-    iterations: int = 20000
-    batch_size: int = 16  # total images per iteration (the reference: 4 per GPU x 4 GPUs)
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-    min_lr: float = 1e-4
-    crop_size: int = 512
-    scale: tuple[int, int] = (2048, 512)  # RandomResize base scale (x0.5-2.0) and the test resize
-    train_split: str = "train"
-    aug_split: str = "aug"  # VOC: the SBD list read from SegmentationClassAug; "" for none
-    test_split: str = "val"
-    check_counts: bool = True  # the reference sets' sizes (10,582 / 1,449; 2,975 / 500)
-    seed: int = 0
-    save_every: int = 50
-    workers: int = 0
-    device: str = "cpu"
-    preset: str = "reference"
+class SegmentationConfig(transfer.TransferSettings):
+    task: str = option("voc-fcn", "voc-fcn (VOC12 aug) or cityscapes-fcn", choices=TASKS)
+    iterations: int = option(20000, "training iterations")
+    batch_size: int = option(16, "images per iteration over all devices (the reference: 4 per GPU x 4 GPUs)")
+    lr: float = option(0.01, "base learning rate")
+    weight_decay: float = option(5e-4, "weight decay")
+    min_lr: float = option(1e-4, "poly schedule's final LR")
+    crop_size: int = option(512, "training crop (reference 512 VOC, 769 Cityscapes)")
+    scale: tuple[int, ...] = option((2048, 512), "RandomResize base scale (x0.5-2.0) and the test resize: W,H")
+    train_split: str = option("train", "training list")
+    aug_split: str = option("aug", "VOC: the SBD list read from SegmentationClassAug ('' for none)")
+    test_split: str = option("val", "test list")
+    check_counts: bool = option(True, "require the reference sets' sizes (10,582 / 1,449; 2,975 / 500)")
 
     def validate(self) -> None:
         for name, value, allowed in (("task", self.task, TASKS), ("mode", self.mode, MODES)):
@@ -124,13 +120,19 @@ def _data(cfg: SegmentationConfig, root: Path) -> tuple[Any, Any, dict[str, Any]
     return train, test, info
 
 
-def run(subject: BackboneUnderTest, data: str | Path, cfg: SegmentationConfig, work_dir: str | Path,
+def run(subject: BackboneUnderTest, data: str | Path | list, cfg: SegmentationConfig, *, work_dir: str | Path | None,
         progress: bool = True) -> ProtocolResult:
     """Train the FCN from `subject`'s weights in `work_dir` (resumable) and report mIoU on the test split."""
     from protocols import mmseg_adapter
 
     cfg.validate()
     transfer.require_mm_stack("mmseg")
+    if work_dir is None:
+        raise ValueError("segmentation needs a work_dir for its resumable training state")
+    if isinstance(data, (list, tuple)):
+        if len(data) != 1:
+            raise ValueError(f"segmentation takes one data root, got {len(data)}")
+        data = data[0]
     depth = transfer.resnet_depth(subject.info["arch"])
     train_set, test_set, dataset_info = _data(cfg, Path(data))
     num_classes = len(train_set.metainfo["classes"])
@@ -146,13 +148,45 @@ def run(subject: BackboneUnderTest, data: str | Path, cfg: SegmentationConfig, w
         return metrics
 
     result = transfer.fine_tune_and_test(
-        protocol=f"seg_{cfg.task.replace('-', '_')}", subject=subject, cfg=dataclasses.asdict(cfg),
+        protocol=PROTOCOL_OF_TASK[cfg.task], subject=subject, cfg=dataclasses.asdict(cfg),
         settings=settings(cfg), reference=_reference_settings(cfg.task), reference_label=f"the {cfg.task} reference protocol",
         build_model=lambda: mmseg_adapter.build_model(model_cfg), model_cfg=model_cfg,
         place=mmseg_adapter.backbone_placement, owned=("backbone.",), train_set=train_set,
         collate=mmseg_adapter.collate, schedule=schedule, batch_size=cfg.batch_size, evaluate=evaluate,
-        dataset_info=dataset_info, work_dir=Path(work_dir), device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed, workers=cfg.workers,
         save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
         frozen_note="stem+res2..res5 frozen, BN in eval; decode and auxiliary heads train")
     result.details["per_class_iou"] = per_class
     return result
+
+
+PROTOCOL_OF_TASK = {"voc-fcn": "seg_voc_fcn", "cityscapes-fcn": "seg_cityscapes_fcn"}
+# Our FCN runs *are* mainline mmseg's protocol, so a fine-tuned VOC run also answers MMSelfSup's mIoU rows.
+MM_REIMPLEMENTATIONS = {("seg_voc_fcn", "mIoU"): "seg_voc_fcn_mmseg"}
+
+
+def measurements(result: ProtocolResult) -> list[Reading]:
+    return transfer.dense_readings(result, ("mIoU",), MM_REIMPLEMENTATIONS)
+
+
+_SEG_HELP = ("FCN-D8 (plain 7x7-stem ResNet, output stride 8, aux head on res4) fine-tuned from the checkpoint's "
+             "backbone; mIoU as mmseg computes it. Settings that differ from the reference are warned about and "
+             "recorded. Without --data: the synthetic scenes with the small preset. Needs the OpenMMLab stack "
+             "(README 'Dense protocols'). The same command resumes an interrupted run.")
+_COMMON = dict(config=SegmentationConfig, body=run, measurements=measurements, metrics=("mIoU",), needs="mmseg",
+               resumable=True)
+SEG_VOC_FCN = Protocol(
+    name="seg_voc_fcn", summary="FCN-D8 on VOC12 aug, 512x512, 20k iterations: mIoU (spec §4.4)",
+    description="--data VOCdevkit/VOC2012 with SegmentationClass and SegmentationClassAug plus "
+    "ImageSets/Segmentation/{train,aug,val}.txt (10,582 training images, checked). " + _SEG_HELP,
+    produces=("seg_voc_fcn_frozen", "seg_voc_fcn_mmseg", "seg_voc_fcn_frozen_minus_finetune"),
+    fixed={"task": "voc-fcn"}, configure=transfer.preset_configure(make_config, "voc-fcn"),
+    default_data=transfer.synthetic_task_data("voc-fcn", several_roots=False),
+    derived=lambda rows: transfer.frozen_gap_rows(rows, "seg_voc_fcn", "mIoU"), **_COMMON)
+SEG_CITYSCAPES_FCN = Protocol(
+    name="seg_cityscapes_fcn", summary="FCN-D8 on Cityscapes, 769x769, 40k iterations: mIoU (spec §4.4)",
+    description="--data the folder with leftImg8bit/ and gtFine/ (*_gtFine_labelTrainIds.png); sliding-window "
+    "test. " + _SEG_HELP,
+    produces=("seg_cityscapes_fcn_frozen",), fixed={"task": "cityscapes-fcn"},
+    configure=transfer.preset_configure(make_config, "cityscapes-fcn"),
+    default_data=transfer.synthetic_task_data("cityscapes-fcn", several_roots=False), **_COMMON)

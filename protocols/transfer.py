@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 import sys
 import time
 import warnings
@@ -32,10 +31,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from baselines.train import TrainingInterrupted, atomic_save
+from baselines.config import option
+from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
 
 MODES = ("finetune", "frozen")
 PRESETS = ("reference", "small")
+
+
+@dataclass
+class TransferSettings:
+    """What every dense protocol's config has; DetectionConfig and SegmentationConfig add their task's settings."""
+
+    mode: str = option("finetune", "finetune: nothing frozen (the paper); frozen: backbone stages fixed, BN in eval "
+                       "(the journal; for C4 the res5 RoI head trains)", choices=MODES)
+    seed: int = option(0, "seeds the data order, augmentation and new layers")
+    save_every: int = option(50, "iterations between resumable state saves")
+    workers: int = option(2, "data-loading processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    preset: str = option("reference", "reference: the published protocol; small: CPU scale (the default on the "
+                         "synthetic data)", choices=PRESETS)
 INSTALL_HINT = ("install the OpenMMLab stack: `pip install -e '.[dense]'` then "
                 "`python scripts/install_mm_stack.py` (builds and caches mmcv 2.1.0 with its ops; README 'Dense protocols')")
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -217,18 +231,8 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         iteration, index = key
-        _seed_all(_derived_seed(self.seed, iteration, index))
+        seed_everything(derived_seed(self.seed, iteration, index))
         return self.dataset[index]
-
-
-def _derived_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batch_size: int, seed: int,
@@ -259,21 +263,20 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
         collate_fn=collate, num_workers=workers)
 
     def save(iteration: int) -> None:
-        atomic_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "iteration": iteration, "losses": losses, "seconds": seconds}, state_path)
 
     model.train()
     bar = tqdm(total=schedule.iterations, initial=start, desc=desc, unit="it", disable=not progress,
                mininterval=2.0, file=sys.stderr)
     batches = iter(loader)
-    completed = start
-    try:
+    with StopRequest() as stop:
         for iteration in range(start, schedule.iterations):
             tic = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(iteration)
             batch = next(batches)
-            _seed_all(_derived_seed(seed, iteration, 2**31))  # RoI sampling, dropout: a function of the iteration
+            seed_everything(derived_seed(seed, iteration, 2**31))  # RoI sampling, dropout: a function of the iteration
             data = model.data_preprocessor(batch, training=True)
             loss_terms = model(**data, mode="loss")
             loss, log = model.parse_losses(loss_terms)
@@ -285,17 +288,15 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
             loss.backward()
             optimizer.step()
             losses.append([iteration, round(loss.item(), 5)])
-            completed = iteration + 1
             seconds += time.perf_counter() - tic
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if (iteration + 1) % save_every == 0 or iteration + 1 == schedule.iterations:
+            if (iteration + 1) % save_every == 0 or iteration + 1 == schedule.iterations or stop.requested:
                 save(iteration + 1)
-    except KeyboardInterrupt:
-        bar.close()
-        save(completed)
-        raise TrainingInterrupted(f"{desc}: interrupted after iteration {completed}; the state is in {state_path}: "
-                                  "run the same command to resume") from None
+            if stop.requested:
+                bar.close()
+                raise Interrupted(f"{desc}: interrupted after iteration {iteration + 1}; the state is in {state_path}: "
+                                  "run the same command to resume")
     bar.close()
     return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from}
 
@@ -321,7 +322,7 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
 
     started = time.perf_counter()
     noted = deviations(settings, reference, reference_label)
-    _seed_all(seed)
+    seed_everything(seed)
     model = build_model()
     weights = transfer_backbone_weights(model, subject.backbone.state_dict(), place, owned)
     model.to(device)
@@ -350,3 +351,59 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
                           checkpoint=subject.info, details=details,
                           timings={"build": build_seconds, "train": log["seconds"], "test": test_seconds,
                                    "seconds_per_iteration": log["seconds"] / max(1, len(log["losses"]))})
+
+
+def dense_readings(result, metrics: tuple[str, ...], reimplementations: Mapping[tuple[str, str], str]) -> list:
+    """A dense run's metrics as claims name them: `<protocol>` fine-tuned, `<protocol>_frozen` frozen, plus the
+    rows of the MMSelfSup re-implementation our protocol equals (fine-tuned only)."""
+    from protocols.registry import Reading
+
+    frozen = result.config.get("mode") == "frozen"
+    readings = []
+    for metric in metrics:
+        value = result.metrics.get(metric)
+        if value is None:
+            continue
+        readings.append(Reading(result.protocol + ("_frozen" if frozen else ""), metric, value))
+        twin = reimplementations.get((result.protocol, metric))
+        if twin and not frozen:
+            readings.append(Reading(twin, metric, value))
+    return readings
+
+
+def frozen_gap_rows(rows: list, protocol_id: str, metric: str) -> list:
+    """Per (method, seed, scale): frozen minus fine-tuned `metric`, for the journal's 'larger gains when frozen'.
+
+    `rows` are the report's measurements (any objects with protocol_id, metric, method, seed, scale, value, run_id).
+    """
+    index = {(m.protocol_id, m.metric, m.method, m.seed, m.scale): m for m in rows}
+    gaps = []
+    for (pid, met, method, seed, scale), frozen in index.items():
+        finetuned = index.get((protocol_id, metric, method, seed, scale))
+        if pid == f"{protocol_id}_frozen" and met == metric and finetuned is not None:
+            gaps.append(dataclasses.replace(frozen, protocol_id=f"{protocol_id}_frozen_minus_finetune",
+                                            value=frozen.value - finetuned.value,
+                                            run_id=f"{frozen.run_id}-{finetuned.run_id}"))
+    return gaps
+
+
+def preset_configure(make_config: Callable[..., Any], task: str) -> Callable[[dict[str, Any], bool], Any]:
+    """A Protocol `configure`: the task's reference config, or the `small` preset on synthetic data (unless given)."""
+    def configure(values: dict[str, Any], synthetic: bool):
+        values = dict(values)
+        preset = values.pop("preset", None) or ("small" if synthetic else "reference")
+        return make_config(values.pop("task", task), preset, **values)
+    return configure
+
+
+def synthetic_task_data(task: str, several_roots: bool) -> Callable[[bool], Any]:
+    """A Protocol `default_data`: the synthetic scenes in `task`'s layout, with the splits that go with them."""
+    def default(progress: bool = True):
+        from protocols.common import default_voc_root
+        from protocols.datasets import dense
+        from protocols.registry import DefaultData
+
+        root, splits = dense.synthetic_for_task(task, default_voc_root(progress=progress))
+        return DefaultData([root] if several_roots else root, splits, f"the synthetic {task} scenes in {root} "
+                           "(small preset)")
+    return default

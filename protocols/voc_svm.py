@@ -17,7 +17,9 @@ Why it is faster than the reference while giving the same numbers:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import logging
 import multiprocessing
 import os
 import re
@@ -43,7 +45,13 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from protocols.datasets.synthetic import VOC_CLASSES
+from baselines.backbone import layer_list
+from baselines.config import option
+from baselines.infra import atomic_numpy_save, to_jsonable
+from protocols.datasets.synthetic import is_synthetic_root
+from protocols.datasets.voc import VOC_CLASSES
+from protocols.registry import Protocol, Reading, synthetic_voc
+from protocols.result import ProtocolResult
 
 # §1.4: `parse_cost_list("1.0,10.0,100.0")` = [1, 10, 100] + [0.5**n for n in 4..19].
 DEFAULT_COSTS: tuple[float, ...] = (1.0, 10.0, 100.0) + tuple(0.5**n for n in range(4, 20))
@@ -56,6 +64,8 @@ LOW_SHOT_COST_SELECTION = (
     "test set (oracle): argmax over costs of the sample-mean test mAP, as the reference (spec §1.7)"
 )
 _SAMPLE_NAME = re.compile(r"^sample(\d+)_k(\d+)$")
+SOLVERS = ("liblinear", "batched")
+LOG = logging.getLogger("densecl_bench.voc_svm")
 
 
 class SVMInputError(ValueError):
@@ -70,6 +80,8 @@ class SVMConfig:
     tol: float = 1e-4
     seed: int = 0  # LinearSVC random_state; the reference leaves it unset (§1.6.3)
     workers: int | None = None  # None: every core this process may use
+    solver: str = "liblinear"  # or "batched" (protocols.svm_solver, issue 11)
+    device: str = "cpu"  # where the batched solver runs
 
 
 @dataclass
@@ -83,6 +95,8 @@ class LowShotConfig:
     max_iter: int = 2000
     tol: float = 1e-4
     workers: int | None = None
+    solver: str = "liblinear"
+    device: str = "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +188,25 @@ def _check_costs(costs: Iterable[float]) -> tuple[float, ...]:
     if not costs or any(not np.isfinite(c) or c <= 0 for c in costs):
         raise SVMInputError(f"costs must be a non-empty list of positive numbers, got {costs}")
     return costs
+
+
+def _check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        close = difflib.get_close_matches(str(solver), SOLVERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SVMInputError(f"unknown SVM solver {solver!r}{hint}; choose from {', '.join(SOLVERS)}")
+    return solver
+
+
+def _solver_device(name: str) -> str:
+    """`auto` -> cuda when there is one; an unavailable CUDA device is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SVMInputError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
 
 
 def _check_seed(seed: int) -> int:
@@ -467,6 +500,11 @@ def train_and_test_svm(
     the reference also just warns about) are shown once each and listed in the result.
     """
     cfg = cfg or SVMConfig()
+    if _check_solver(cfg.solver) == "batched":
+        from protocols import svm_solver
+
+        return svm_solver.train_and_test_svm_batched(train_x, train_y, test_x, test_y, cfg, progress, class_names,
+                                                     desc, device=_solver_device(cfg.device))
     started = time.perf_counter()
     train_y, test_y = _check_inputs(train_x, train_y, test_x, test_y)
     names = _class_names(train_y.shape[1], class_names)
@@ -656,9 +694,7 @@ def write_fair_samples(samples: Mapping[tuple[int, int], np.ndarray], out_dir: s
     paths = []
     for (s, k), matrix in sorted(samples.items()):
         path = folder / f"train_targets_sample{s}_k{k}.npy"
-        partial = path.with_suffix(".partial.npy")
-        np.save(partial, np.asarray(matrix, dtype=np.int32))
-        os.replace(partial, path)
+        atomic_numpy_save(path, np.asarray(matrix, dtype=np.int32))
         paths.append(path)
     return paths
 
@@ -696,6 +732,11 @@ def run_low_shot(
 ) -> dict[str, Any]:
     """The low-shot protocol (§1.7, §7): no CV; the cost per k is chosen on the test set, as the reference."""
     cfg = cfg or LowShotConfig()
+    if _check_solver(cfg.solver) == "batched":
+        from protocols import svm_solver
+
+        return svm_solver.run_low_shot_batched(train_x, train_y, test_x, test_y, cfg, progress, class_names, desc,
+                                               device=_solver_device(cfg.device))
     started = time.perf_counter()
     train_y, test_y = _check_inputs(train_x, train_y, test_x, test_y)
     names = _class_names(train_y.shape[1], class_names)
@@ -808,20 +849,56 @@ def evaluate_layers(
 
 
 # ----------------------------------------------------------------------------------------------
-# The protocol on a checkpoint: features from images, then the SVMs
+# The protocols on a checkpoint: features from images, then the SVMs
 
 
 @dataclass
-class VOCEvalConfig:
-    """Where the features come from; the SVM settings live in SVMConfig / LowShotConfig."""
+class VOCFeatures:
+    """Where the features come from (spec §1.1-1.3); shared by the full and the low-shot protocol."""
 
-    layers: tuple[str, ...] = ("feature5",)  # the DenseCL scripts' default FEAT_LIST (§1.1)
-    train_split: str = "trainval"
-    test_split: str = "test"
-    batch_size: int = 32
-    workers: int = 2  # data-loading processes for feature extraction
-    device: str = "auto"
-    cache_dir: str | None = None
+    layers: tuple[str, ...] = option(("feature5",), "backbone stages to evaluate: comma list of feature1..feature5, "
+                                     "or 'all' (the DenseCL scripts' FEAT_LIST is feature5)", parse=layer_list)
+    train_split: str = option("trainval", "ImageSets/Main list the SVMs train on")
+    test_split: str = option("test", "ImageSets/Main list they are tested on")
+    batch_size: int = option(32, "images per feature-extraction batch")
+    workers: int = option(2, "data-loading processes for feature extraction")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (feature extraction and the batched solver)")
+    cache_dir: str | None = option(None, "feature cache folder (default: $DENSECL_BENCH_CACHE/features)")
+    solver: str = option("liblinear", "liblinear: one sklearn LinearSVC per fit (the reference); batched: the exact "
+                         "batched solver (protocols.svm_solver)", choices=SOLVERS)
+    svm_workers: int | None = option(None, "parallel liblinear fits (default: every core)")
+
+
+@dataclass
+class VOC07SVMConfig(VOCFeatures):
+    costs: tuple[float, ...] = option(DEFAULT_COSTS, "SVM costs C (the reference's 19: 1,10,100 and 0.5^4..0.5^19)")
+    folds: int = option(3, "cross-validation folds that pick each class's cost")
+    max_iter: int = option(2000, "liblinear iteration cap")
+    tol: float = option(1e-4, "liblinear tolerance")
+    seed: int = option(0, "LinearSVC random_state (the reference leaves it unset, spec §1.6.3)")
+
+    def svm(self) -> SVMConfig:
+        return SVMConfig(costs=self.costs, folds=self.folds, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+                         workers=self.svm_workers, solver=self.solver, device=self.device)
+
+
+@dataclass
+class VOC07LowShotConfig(VOCFeatures):
+    costs: tuple[float, ...] = option(DEFAULT_COSTS, "SVM costs C (the reference's 19)")
+    ks: tuple[int, ...] = option(LOW_SHOT_KS, "positives per class")
+    samples: int = option(5, "independent samples per k")
+    sample_dir: str | None = option(None, "folder of FAIR-format train_targets_sample{s}_k{k}.npy files instead of "
+                                    "seeded sampling")
+    negatives_per_positive: int = option(NEGATIVES_PER_POSITIVE, "negatives drawn per positive (spec §1.7: 19)")
+    max_iter: int = option(2000, "liblinear iteration cap")
+    tol: float = option(1e-4, "liblinear tolerance")
+    seed: int = option(0, "seeds the sampler and LinearSVC's random_state")
+
+    def low_shot(self) -> LowShotConfig:
+        return LowShotConfig(ks=self.ks, samples=self.samples, costs=self.costs, seed=self.seed,
+                             sample_dir=self.sample_dir, negatives_per_positive=self.negatives_per_positive,
+                             max_iter=self.max_iter, tol=self.tol, workers=self.svm_workers, solver=self.solver,
+                             device=self.device)
 
 
 def feasible_ks(train_y: np.ndarray, ks: Iterable[int], negatives_per_positive: int = NEGATIVES_PER_POSITIVE) -> tuple[int, ...]:
@@ -831,7 +908,7 @@ def feasible_ks(train_y: np.ndarray, ks: Iterable[int], negatives_per_positive: 
     return tuple(k for k in ks if k <= positives and negatives_per_positive * k <= negatives)
 
 
-def voc07_features(subject, root: str | os.PathLike, cfg: VOCEvalConfig, progress: bool = True):
+def voc07_features(subject, root: str | os.PathLike, cfg: VOCFeatures, progress: bool = True):
     """(layer -> (train, test) arrays, train labels, test labels, dataset summary), cached on disk."""
     from protocols.common import resolve_device
     from protocols.datasets import voc
@@ -861,36 +938,40 @@ def voc07_features(subject, root: str | os.PathLike, cfg: VOCEvalConfig, progres
             features[layer].append(arrays[layer])
         labels.append(y)
         summary["splits"][split] = len(ids)
-    summary_file = root / "dataset.json"
-    summary["name"] = "synthetic-voc" if summary_file.exists() else root.name
+    summary["name"] = "synthetic-voc" if is_synthetic_root(root) else root.name
     summary["content_hash"] = digest.hexdigest()
     pairs = {layer: (pair[0], pair[1]) for layer, pair in features.items()}
     return pairs, labels[0], labels[1], summary
 
 
-def run(subject, root: str | os.PathLike, cfg: VOCEvalConfig | None = None, svm: SVMConfig | None = None,
-        low_shot: LowShotConfig | None = None, progress: bool = True):
-    """VOC07 SVM (if `svm`) and/or low-shot (if `low_shot`) on `subject` (a protocols.common.BackboneUnderTest)."""
-    from protocols.result import ProtocolResult
+def _feasible_low_shot(cfg: VOC07LowShotConfig, train_y: np.ndarray, root: Path) -> LowShotConfig:
+    """The low-shot config with the ks the training split cannot supply dropped, with a warning."""
+    low_shot = cfg.low_shot()
+    if low_shot.sample_dir is not None:
+        return low_shot
+    usable = feasible_ks(train_y, low_shot.ks, low_shot.negatives_per_positive)
+    if not usable:
+        raise SVMInputError(f"no low-shot k fits {cfg.train_split} of {root}: some class has too few "
+                            "positives or negatives even for k=1")
+    if usable != tuple(low_shot.ks):
+        dropped = sorted(set(low_shot.ks) - set(usable))
+        LOG.warning("k=%s need more images than %s has per class; running k=%s", dropped, cfg.train_split,
+                    list(usable))
+        low_shot = LowShotConfig(**{**asdict(low_shot), "ks": usable})
+    return low_shot
 
-    cfg = cfg or VOCEvalConfig()
-    if svm is None and low_shot is None:
-        raise SVMInputError("nothing to run: give an SVM and/or a low-shot config")
+
+def _run(name: str, subject, root, cfg: VOCFeatures, progress: bool) -> ProtocolResult:
+    """Features, then the full SVM (voc07_svm) or the low-shot SVMs (voc07_lowshot), per layer."""
     started = time.perf_counter()
+    root = Path(root)
     features, train_y, test_y, dataset = voc07_features(subject, root, cfg, progress)
     extracted = time.perf_counter()
-    if low_shot is not None and low_shot.sample_dir is None:
-        usable = feasible_ks(train_y, low_shot.ks, low_shot.negatives_per_positive)
-        if not usable:
-            raise SVMInputError(f"no low-shot k fits {cfg.train_split} of {root}: some class has too few "
-                                "positives or negatives even for k=1")
-        if usable != tuple(low_shot.ks):
-            dropped = sorted(set(low_shot.ks) - set(usable))
-            print(f"[voc-lowshot] k={dropped} need more images than {cfg.train_split} has per class; "
-                  f"running k={list(usable)}", file=sys.stderr)
-            low_shot = LowShotConfig(**{**asdict(low_shot), "ks": usable})
-    results = evaluate_layers(features, train_y, test_y, svm, low_shot, run_full=svm is not None,
-                              progress=progress, class_names=CLASS_NAMES)
+    full = name == "voc07_svm"
+    svm = cfg.svm() if full else None
+    low_shot = None if full else _feasible_low_shot(cfg, train_y, root)
+    results = evaluate_layers(features, train_y, test_y, svm, low_shot, run_full=full, progress=progress,
+                              class_names=CLASS_NAMES)
     metrics: dict[str, float] = {}
     for layer, result in results["svm"].items():
         metrics[f"{layer}/mAP"] = result["mAP"]
@@ -899,33 +980,63 @@ def run(subject, root: str | os.PathLike, cfg: VOCEvalConfig | None = None, svm:
             for stat in ("mean", "min", "max", "std"):
                 metrics[f"{layer}/k={row['k']}/{stat}"] = row[stat]
     best = results["best_layer"]
-    if svm is not None:
+    if full:
         metrics["best/mAP"] = results["svm"][best]["mAP"]
     for row in results["low_shot"].get(best, {}).get("per_k", []):
         metrics[f"best/k={row['k']}/mean"] = row["mean"]
-    protocol = "voc07_svm" if low_shot is None else ("voc07_lowshot" if svm is None else "voc07_svm+lowshot")
-    config = {"features": asdict(cfg), "svm": asdict(svm) if svm else None,
-              "low_shot": asdict(low_shot) if low_shot else None}
+    config = {**asdict(cfg), "svm": asdict(svm) if svm else None, "low_shot": asdict(low_shot) if low_shot else None}
     return ProtocolResult(
-        protocol=protocol, metrics=metrics, config=config, dataset=dataset, checkpoint=subject.info,
+        protocol=name, metrics=metrics, config=config, dataset=dataset, checkpoint=subject.info,
         timings={"features_s": extracted - started, "svm_s": time.perf_counter() - extracted,
                  "total_s": time.perf_counter() - started},
         details={"best_layer": best, "best_by": results["best_by"],
-                 "svm": {layer: _without_arrays(r) for layer, r in results["svm"].items()},
-                 "low_shot": {layer: _without_arrays(r) for layer, r in results["low_shot"].items()}},
+                 "svm": {layer: to_jsonable(r) for layer, r in results["svm"].items()},
+                 "low_shot": {layer: to_jsonable(r) for layer, r in results["low_shot"].items()}},
     )
 
 
-def _without_arrays(result: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy: numpy arrays become nested lists, tuples lists."""
-    def plain(value):
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-    return plain(result)
+def run_svm(subject, data, cfg: VOC07SVMConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
+    """The full VOC07 SVM protocol on `subject` (a protocols.common.BackboneUnderTest); work_dir is unused."""
+    return _run("voc07_svm", subject, data, cfg, progress)
+
+
+def run_lowshot(subject, data, cfg: VOC07LowShotConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
+    """The VOC07 low-shot SVM protocol on `subject`; work_dir is unused."""
+    return _run("voc07_lowshot", subject, data, cfg, progress)
+
+
+def svm_measurements(result: ProtocolResult) -> list[Reading]:
+    """`<layer>/mAP` -> (voc07_svm, layer, mAP); the best-layer summary repeats a layer and is left out."""
+    readings = []
+    for name, value in result.metrics.items():
+        layer, _, metric = name.partition("/")
+        if value is not None and layer != "best" and metric == "mAP":
+            readings.append(Reading("voc07_svm", "mAP", value, layer=layer))
+    return readings
+
+
+def lowshot_measurements(result: ProtocolResult) -> list[Reading]:
+    """`<layer>/k=<k>/mean` -> (voc07_lowshot, layer, k, mAP): the claims are about the mean over samples (§1.7)."""
+    readings = []
+    for name, value in result.metrics.items():
+        parts = name.split("/")
+        if value is not None and len(parts) == 3 and parts[0] != "best" and parts[1].startswith("k=") \
+                and parts[2] == "mean":
+            readings.append(Reading("voc07_lowshot", "mAP", value, layer=parts[0], k=int(parts[1][2:])))
+    return readings
+
+
+VOC07_SVM = Protocol(
+    name="voc07_svm", summary="VOC07 linear SVM per layer, cost by 3-fold CV (spec §1.4-1.5)",
+    description="VOC07 SVM: features (short side 256, squashed to 224x224, per-layer AvgPool) of trainval and test, "
+    "one LinearSVC per (class, cost), cost chosen by 3-fold CV, test AP (all-point interpolated, difficult dropped), "
+    "mAP x100 per layer and the best layer. Without --data: the synthetic VOC-layout dataset.",
+    metrics=('mAP',), config=VOC07SVMConfig, body=run_svm, measurements=svm_measurements, default_data=synthetic_voc,
+    aliases=("voc-svm",))
+VOC07_LOWSHOT = Protocol(
+    name="voc07_lowshot", summary="VOC07 low-shot SVM, k positives per class (spec §1.7)",
+    description="VOC07 low-shot SVM: for each k, 5 samples of k positives and 19k negatives per class (seeded, or "
+    "FAIR's sample files via --sample-dir), no CV; the cost is chosen on the test set as the reference does. Reports "
+    "mean/min/max/std over samples. ks the data cannot supply are dropped with a warning.",
+    metrics=('mAP',), config=VOC07LowShotConfig, body=run_lowshot, measurements=lowshot_measurements, default_data=synthetic_voc,
+    aliases=("voc-lowshot",))

@@ -17,8 +17,10 @@ Columns (the first 14 are the DESIGN.md interface, the rest are machine keys for
   `start_iters`, `flops`, `params`; joined by `/` when one source cell holds several numbers.
 - value: the number exactly as the source wrote it; empty when the source cell is not one number.
 - tolerance: allowed |measured - value| in metric units (TOLERANCE_DEFAULTS, or 2 sigma of a reported spread).
-- verified: `yes` = transcribed from a retrieved source; `no` = not transcribed (value empty).
-- kind: KINDS. protocol_id: PROTOCOLS.
+- verified: how the value was obtained (VERIFICATIONS): `yes` = transcribed from a retrieved source's text;
+  `screenshot`, `secondary`, `figure-read ±0.1` = the addendum's grades (an image of the table, a paper citing
+  it, a value read off a plot), optionally `(uncertain)`; `no` = not transcribed (value empty).
+- kind: KINDS. protocol_id: PROTOCOLS. An `equivalence` row's tolerance is its margin.
 - scale: `paper` (the published full-scale setting: absolute values compare only with runs at that scale) or
   `any` (directional claims, checked at every scale).
 - source_key: short name of the source (build_claims.SOURCE_KEYS).
@@ -47,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from baselines.methods import paper_names
+
 DEFAULT_PATH = Path(__file__).with_name("claims.csv")
 
 DESIGN_COLUMNS = ("claim_id", "source", "table", "method", "pretrain_data", "epochs", "backbone", "protocol",
@@ -60,6 +64,7 @@ KINDS = {
     "delta": "method minus baseline, in metric units",
     "ratio": "a relative quantity (e.g. the '<1% slower' bound on DenseCL's overhead)",
     "directional": "method is above/below baseline; checked at any scale, never against absolute values",
+    "equivalence": "method is within ±tolerance of baseline ('comparable'); two one-sided tests at any scale",
     "qualitative": "a statement without a number (author comments)",
     "setting": "a configuration fact (learning rate, warm-up iterations, FLOPs): matched exactly, not reproduced",
 }
@@ -106,10 +111,11 @@ PROTOCOLS = {
 }
 
 SCALES = ("paper", "any")
-METHODS = ("DenseCL", "MoCo-v2", "MoCo-v2+", "MoCo-v1", "Supervised", "Random")
+METHODS = paper_names()  # baselines.methods: the pretrainers plus the methods claims compare them with
+VERIFICATIONS = ("yes", "screenshot", "secondary", "secondary (uncertain)", "figure-read ±0.1", "no")
 LAYERS = ("feature1", "feature2", "feature3", "feature4", "feature5")
 UNITS = ("points", "percent", "days", "hours", "iterations", "count", "")
-TOLERANCE_BASES = ("spread_2sigma", "default", "delta_default", "")
+TOLERANCE_BASES = ("spread_2sigma", "default", "delta_default", "equivalence_margin", "")
 
 # Allowed |measured - reported| in metric units, with the reason. Where two independent reproductions of the
 # same model exist (MoCo-v2 IN-1k 200 ep by MMSelfSup and by OpenSelfSup), the default is the smallest multiple
@@ -183,7 +189,7 @@ class Claim:
     metric: str
     value: float | None
     tolerance: float | None
-    verified: bool
+    verified: bool  # a value (or the text of several) was transcribed: `verification` is not "no"
     notes: str
     kind: str
     protocol_id: str
@@ -201,6 +207,7 @@ class Claim:
     as_written: str
     line: int = 0
     value_decimals: int | None = None
+    verification: str = "yes"  # VERIFICATIONS
 
     @property
     def comparator(self) -> str:
@@ -279,14 +286,17 @@ class _RowReader:
         protocol_id = self.text("protocol_id")
         if protocol_id not in PROTOCOLS:
             raise self.fail("protocol_id", f"unknown protocol id {protocol_id!r} (known: {', '.join(PROTOCOLS)})")
-        verified = self.choice("verified", ("yes", "no")) == "yes"
+        verification = self.choice("verified", VERIFICATIONS)
+        verified = verification != "no"
         value = self.number("value")
         tolerance = self.number("tolerance")
         if tolerance is not None and tolerance < 0:
             raise self.fail("tolerance", f"{self.text('tolerance')!r} is negative")
+        if kind == "equivalence" and not (tolerance and tolerance > 0):
+            raise self.fail("tolerance", "an equivalence claim needs its margin > 0 in tolerance")
         if value is not None and not verified:
-            raise self.fail("verified", "a row with a value must say verified=yes (it was transcribed from a source)")
-        if verified and kind != "directional" and not self.text("value_text"):
+            raise self.fail("verified", "a row with a value must say how it was verified (it was transcribed)")
+        if verified and kind not in ("directional", "equivalence") and not self.text("value_text"):
             raise self.fail("value_text", "a verified row needs the source's text of its value")
         relation = self.text("relation")
         if relation and not _RELATION.match(relation):
@@ -294,6 +304,8 @@ class _RowReader:
         baseline = self.choice("baseline", METHODS + ("",))
         if kind == "directional" and not (relation and baseline and self.text("derived_from")):
             raise self.fail("relation", "a directional claim needs relation, baseline and derived_from")
+        if kind == "equivalence" and not (baseline and self.text("derived_from")):
+            raise self.fail("baseline", "an equivalence claim needs baseline and derived_from")
         return Claim(
             claim_id=claim_id, source=self.text("source"), table=self.text("table"),
             method=self.choice("method", METHODS), pretrain_data=self.choice("pretrain_data", ("in1k", "coco", "")),
@@ -306,6 +318,7 @@ class _RowReader:
             tolerance_basis=self.choice("tolerance_basis", TOLERANCE_BASES),
             derived_from=tuple(self.text("derived_from").split()), as_written=self.text("as_written"),
             line=self.line, value_decimals=_decimals(self.text("value")) if value is not None else None,
+            verification=verification,
         )
 
 
@@ -376,7 +389,7 @@ def _check_delta(claim: Claim, by_id: dict[str, Claim]) -> list[str]:
 
 def _check_repeated_numbers(claim: Claim, by_id: dict[str, Claim]) -> list[str]:
     """A multi-number cell that repeats other rows (the journal's deltas) must list the same numbers, in order."""
-    if claim.value is not None or not claim.derived_from or claim.kind == "directional":
+    if claim.value is not None or not claim.derived_from or claim.kind in ("directional", "equivalence"):
         return []
     numbers = _NUMBER.findall(claim.value_text)
     cited = [by_id[i] for i in claim.derived_from if i in by_id]
@@ -446,7 +459,8 @@ def check_consistency(claims: list[Claim]) -> list[str]:
             problems += _check_directional(claim, by_id)
         problems += _check_repeated_numbers(claim, by_id)
         problems += _check_trials(claim)
-        if claim.verified and claim.kind not in ("directional", "qualitative", "setting") and claim.value is None \
+        if claim.verified and claim.kind not in ("directional", "equivalence", "qualitative", "setting") \
+                and claim.value is None \
                 and not _NUMBER.search(claim.value_text):
             problems.append(f"{claim.claim_id}: verified but {claim.value_text!r} holds no number")
     return problems
@@ -461,11 +475,13 @@ def claims_table(claims: Iterable[Claim], columns: Iterable[str]):
     for claim in claims:
         row = {c: "" if getattr(claim, c) is None else getattr(claim, c) for c in columns}
         if "value" in row:
-            row["value"] = f"{claim.relation} {claim.baseline}" if claim.kind == "directional" else claim.value_text
+            row["value"] = (f"{claim.relation} {claim.baseline}" if claim.kind == "directional" else
+                            f"within ±{claim.tolerance:g} of {claim.baseline}" if claim.kind == "equivalence" else
+                            claim.value_text)
         if "derived_from" in row:
             row["derived_from"] = " ".join(claim.derived_from)
         if "verified" in row:
-            row["verified"] = "yes" if claim.verified else "no"
+            row["verified"] = claim.verification
         rows.append(row)
     return pd.DataFrame(rows, columns=list(columns))
 
@@ -533,12 +549,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from replication.coverage import COLUMNS, coverage
+
+    claims = _load_or_report(args)
+    if claims is None:
+        return 1
+    rows = coverage(claims)
+    total = {c: sum(int(r[c]) for r in rows) for c in COLUMNS[1:]}
+    frame = pd.DataFrame([*rows, {"protocol_id": "total", **total}], columns=list(COLUMNS))
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(frame.to_string(index=False))
+    print("small_scale/paper_scale: claims a run at that scale can give a verdict on; no_code_path: no registered "
+          "protocol measures it; neither: reached, but text only or not transcribed")
+    print(f"unreachable claims: {total['no_code_path']}")
+    return 0
+
+
 def add_claims_commands(commands) -> None:
     """`densecl-bench claims {list,missing,check}` under the CLI's sub-command object."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--file", dest="claims_file", default=str(DEFAULT_PATH),
                         help="claims CSV (default: the registry shipped with the package)")
-    claims = commands.add_parser("claims", help="the paper's numbers as data: list, missing, check",
+    claims = commands.add_parser("claims", help="the paper's numbers as data: list, missing, check, coverage",
                                  description="The claims registry: every number DenseCL or a cited reproduction "
                                  "reports, with protocol, tolerance and source.")
     actions = claims.add_subparsers(dest="claims_command", required=True, metavar="ACTION")
@@ -552,6 +587,11 @@ def add_claims_commands(commands) -> None:
 
     absent = actions.add_parser("missing", parents=[common], help="print the claims nobody has transcribed yet")
     absent.set_defaults(func=lambda args: cmd_missing(args))
+
+    reach = actions.add_parser("coverage", parents=[common],
+                               help="per protocol: claims, how many small- and paper-scale runs can judge, and how "
+                               "many no code path reaches (last line: 'unreachable claims: N')")
+    reach.set_defaults(func=lambda args: cmd_coverage(args))
 
     check = actions.add_parser("check", parents=[common],
                                help="validate the file and its internal consistency (exit 1 on problems)")

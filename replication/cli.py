@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -129,17 +130,12 @@ def cmd_regression(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from replication.report import write_report
+    from replication.report import select_runs, write_report
     from replication.results import ResultsStore
 
     store = ResultsStore(args.results)
-    batch = args.batch
-    if not batch:
-        latest = [r for r in store.load_runs(args.pipeline) if r.config.get("replication", {}).get("batch")]
-        if not latest:
-            raise FileNotFoundError(f"no {args.pipeline} runs in {store.root}; run the pipeline first")
-        batch = latest[-1].config["replication"]["batch"]
-    path = write_report(store, args.pipeline, batch)
+    selection = select_runs(store, pipeline=args.pipeline, batch=args.batch, runs=args.runs, select=args.select)
+    path = write_report(store, selection)
     print(path.read_text())
     print(f"report: {path}")
     return 0
@@ -153,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain MoCo-v2 and DenseCL, evaluate any checkpoint under the paper's protocols, "
         "and check the paper's numbers.",
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pretrain = commands.add_parser(
@@ -242,12 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     dense.set_defaults(func=cmd_replicate_dense)
 
-    report = commands.add_parser("report", help="verdicts, tables and plots for a pipeline batch",
-                                 description="Judge every claim against the stored runs of one pipeline batch "
-                                 "(default: the latest) and store the report (report.md, verdicts.csv, plots).")
-    report.add_argument("batch", nargs="?", help="batch id (default: the latest)")
-    report.add_argument("--latest", action="store_true", help="the latest batch (the default)")
-    report.add_argument("--pipeline", default="replicate-voc")
+    report = commands.add_parser(
+        "report", help="verdicts, tables and plots for any stored runs: a pipeline batch, run ids, or a selection",
+        description="Judge every claim against a set of stored runs and store the report (report.md, verdicts.csv, "
+        "plots). The set is a pipeline batch (BATCH, default the latest of --pipeline), --runs RUN_ID..., or "
+        "--select KEY=VALUE,... over every stored run (keys: protocol, pipeline, method, seed, scale, dataset, "
+        "checkpoint [sha256 prefix or path part], run [id prefix]). Re-running it on the same runs reuses the "
+        "stored report.")
+    report.add_argument("batch", nargs="?", help="pipeline batch id (default: the latest batch of --pipeline)")
+    report.add_argument("--latest", action="store_true",
+                        help="the latest batch of --pipeline (the default when nothing else is selected)")
+    report.add_argument("--pipeline", default="replicate-voc", choices=("replicate-voc", "replicate-dense"),
+                        help="whose batches BATCH and --latest name (default: replicate-voc)")
+    report.add_argument("--runs", nargs="+", metavar="RUN_ID", help="exactly these stored runs (any pipeline)")
+    report.add_argument("--select", metavar="KEY=VALUE,...",
+                        help="every stored run matching all the filters, e.g. 'protocol=knn_in1k,method=densecl'")
     report.add_argument("--results", default="results", help="results store (default: results)")
     report.set_defaults(func=cmd_report)
 
@@ -264,18 +271,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ShortNames(logging.Formatter):
+    """`[eval] message`: the logger's last name only, as the tool's own prefixes read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.short = record.name.rsplit(".", 1)[-1]
+        return super().format(record)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (tqdm and test capture replace it), not the one at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """`densecl_bench.*` messages on stderr (results tables go to stdout); -v for debug, -q for warnings only."""
+    logger = logging.getLogger("densecl_bench")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(_ShortNames("[%(short)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     from baselines.data import BadImageError
-    from baselines.train import NonFiniteLossError, TrainingInterrupted
+    from baselines.infra import Interrupted
+    from baselines.train import NonFiniteLossError
+    from protocols.registry import ProtocolError
     from protocols.transfer import MMStackMissing, WeightTransferError
     from replication.results import ResultsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    setup_logging(args.verbose - args.quiet)
     try:
         return args.func(args)
-    except TrainingInterrupted as err:
+    except Interrupted as err:
         print(f"densecl-bench: {err}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
@@ -283,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (configs.ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
             BadImageError, NonFiniteLossError, ResultsError, MMStackMissing, WeightTransferError,
-            FloatingPointError) as err:
+            FloatingPointError, ProtocolError) as err:
         print(f"densecl-bench: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, configs.ConfigError) else 1
     except RuntimeError as err:

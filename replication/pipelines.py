@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from baselines import config as configs
+from baselines.infra import atomic_write_json
+from baselines.methods import METHODS as REGISTERED_METHODS
 from baselines.train import PretrainConfig, pretrain
 from protocols import voc_svm
-from protocols.common import backbone_under_test, default_voc_root
+from protocols.common import PRETRAIN_NAMES, backbone_under_test, default_voc_root
 from protocols.datasets import synthetic
 
-METHODS = ("mocov2", "densecl")
+METHODS = tuple(REGISTERED_METHODS)
 # The spec's 19 costs, thinned to 10 for small-scale runs (every cost the reference tries between
 # 100 and 2^-19, at about half the density): SVM time halves, and the subset is recorded.
 SMALL_SCALE_COSTS: tuple[float, ...] = (1.0, 10.0, 100.0) + tuple(0.5**n for n in (4, 6, 8, 10, 13, 16, 19))
@@ -100,7 +102,7 @@ class Job:
 
 
 def _log(message: str, pipeline: str = "replicate-voc") -> None:
-    print(f"[{pipeline}] {message}", file=sys.stderr, flush=True)
+    logging.getLogger(f"densecl_bench.{pipeline}").info(message)
 
 
 def _config_digest(cfg) -> str:
@@ -132,9 +134,7 @@ class PipelineState:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.state)
 
 
 def pretrain_checkpoint(job: Job, cfg, runs: str) -> tuple[Path, dict[str, Any]]:
@@ -170,41 +170,76 @@ def checkpoint_jobs(cfg, pipeline: str, runs: str) -> list[tuple[Job, Path | str
     return jobs
 
 
-def _evaluate(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg: ReplicateVOCConfig, state: PipelineState,
-              store) -> None:
-    root = Path(cfg.voc_root) if cfg.voc_root else default_voc_root(progress=cfg.progress)
-    costs = cfg.costs or (voc_svm.DEFAULT_COSTS if cfg.scale == "paper" else SMALL_SCALE_COSTS)
+@dataclass(frozen=True)
+class Step:
+    """One protocol run of a job: the state key's suffix, the registered protocol, its data and settings."""
+
+    name: str
+    protocol: str
+    data: Any  # root(s), or None for the protocol's synthetic default
+    settings: dict[str, Any]
+    work_dir: Path | None = None
+
+
+def _subject(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg):
+    """The job's weights, labelled with what the verdicts match on (given checkpoints: what the user says)."""
+    small = not cfg.checkpoints
+    subject = backbone_under_test(
+        checkpoint, cfg.arch or None, seed=job.seed, method=job.method,
+        pretrain_data="synthetic-voc" if small else PRETRAIN_NAMES.get(cfg.pretrain_data, cfg.pretrain_data),
+        epochs=recipe.get("epochs", cfg.pretrain_epochs), pretrain_seed=job.seed if small else None)
+    subject.pretraining.update(preset=recipe.get("preset"), log=recipe.get("log"))
+    return subject
+
+
+def run_steps(job: Job, checkpoint: Path | str, recipe: dict[str, Any], steps: list[Step], cfg, state: PipelineState,
+              store, pipeline: str) -> None:
+    """Run every step of `job` not yet stored in this batch; each result goes to the store as it finishes."""
+    import warnings
+
+    from protocols.registry import get_protocol, is_synthetic
+    from protocols.transfer import ProtocolDeviation
+
     subject = None
-    steps = [
-        ("voc07_svm", cfg.svm_layers, dict(svm=voc_svm.SVMConfig(costs=costs, seed=job.seed))),
-        ("voc07_lowshot", (cfg.lowshot_layer,),
-         dict(low_shot=voc_svm.LowShotConfig(ks=cfg.ks, samples=cfg.samples, costs=costs, seed=job.seed))),
-    ]
-    for protocol, layers, kwargs in steps:
-        step = f"{job.name}/{protocol}"
-        if state.done(step):
-            _log(f"{step}: already stored as {state.done(step)}")
+    for step in steps:
+        key = f"{job.name}/{step.name}"
+        if state.done(key):
+            _log(f"{key}: already stored as {state.done(key)}", pipeline)
             continue
         if subject is None:
-            subject = backbone_under_test(checkpoint, cfg.arch or None, seed=job.seed)
-        _log(f"{step}: {', '.join(layers)} on {root}")
-        features = voc_svm.VOCEvalConfig(layers=tuple(layers), workers=cfg.workers, device=cfg.device)
-        result = voc_svm.run(subject, root, features, progress=cfg.progress, **kwargs)
-        result.config["replication"] = {
-            "batch": state.batch, "method": job.method, "seed": job.seed, "scale": cfg.scale,
-            "pretrain_data": cfg.pretrain_data if cfg.checkpoints else "synthetic-voc",
-            "pretrain_epochs": recipe.get("epochs", cfg.pretrain_epochs), "arch": subject.backbone.name,
-            "pretrain": recipe, "costs_subset": cfg.scale == "small" and not cfg.costs,
-        }
-        record = store.write_run("replicate-voc", result, seed=job.seed,
+            subject = _subject(job, checkpoint, recipe, cfg)
+        protocol = get_protocol(step.protocol)
+        data, overrides = step.data, {}
+        if data is None:
+            default = protocol.default_data(cfg.progress)
+            data, overrides = default.data, dict(default.overrides)
+        run_cfg = protocol.make_config({**overrides, **step.settings}, synthetic=is_synthetic(data))
+        _log(f"{key}: {protocol.name} on {data}", pipeline)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
+            result = protocol.run(subject, data, run_cfg, work_dir=step.work_dir, progress=cfg.progress)
+        result.config["replication"] = {"batch": state.batch, "pipeline": pipeline, "job": job.name, "step": step.name,
+                                        "recipe": recipe}
+        record = store.write_run(pipeline, result, seed=job.seed,
                                  command=["densecl-bench", *sys.argv[1:]] if sys.argv[1:] else None)
-        state.mark(step, record.run_id)
-        _log(f"{step}: stored {record.path}")
+        state.mark(key, record.run_id)
+        headline = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()
+                             if k in ("AP", "bbox_AP", "mIoU", "best/mAP") and v is not None)
+        _log(f"{key}: {headline + '; ' if headline else ''}stored {record.path}", pipeline)
+
+
+def voc_steps(job: Job, cfg: ReplicateVOCConfig) -> list[Step]:
+    root = Path(cfg.voc_root) if cfg.voc_root else default_voc_root(progress=cfg.progress)
+    costs = cfg.costs or (voc_svm.DEFAULT_COSTS if cfg.scale == "paper" else SMALL_SCALE_COSTS)
+    common = dict(costs=costs, seed=job.seed, workers=cfg.workers, device=cfg.device)
+    return [Step("voc07_svm", "voc07_svm", root, dict(common, layers=tuple(cfg.svm_layers))),
+            Step("voc07_lowshot", "voc07_lowshot", root,
+                 dict(common, layers=(cfg.lowshot_layer,), ks=tuple(cfg.ks), samples=cfg.samples))]
 
 
 def replicate_voc(cfg: ReplicateVOCConfig) -> dict[str, Any]:
     """Run the pipeline; returns {"batch", "runs": [...], "report": path of the verdict report}."""
-    from replication.report import write_report
+    from replication.report import select_runs, write_report
     from replication.results import ResultsStore
 
     cfg.validate()
@@ -215,8 +250,8 @@ def replicate_voc(cfg: ReplicateVOCConfig) -> dict[str, Any]:
     _log(f"batch {state.batch}: {cfg.scale} scale, methods {', '.join(cfg.methods)}"
          + (f", seeds {', '.join(map(str, cfg.seeds))}" if cfg.scale == "small" else ""))
     for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-voc", cfg.runs):
-        _evaluate(job, checkpoint, recipe, cfg, state, store)
-    report = write_report(store, "replicate-voc", state.batch)
+        run_steps(job, checkpoint, recipe, voc_steps(job, cfg), cfg, state, store, "replicate-voc")
+    report = write_report(store, select_runs(store, "replicate-voc", state.batch))
     state.state["report"] = str(report)
     state.save()
     _log(f"done in {time.perf_counter() - started:.0f} s")
@@ -295,55 +330,30 @@ def _dense_data(task: str, cfg: ReplicateDenseConfig) -> tuple[list[Path], dict[
     return [root], splits
 
 
-def _dense_evaluate(job: Job, checkpoint, recipe: dict[str, Any], cfg: ReplicateDenseConfig, state: PipelineState,
-                    store) -> None:
-    import warnings
-
+def dense_steps(job: Job, cfg: ReplicateDenseConfig) -> list[Step]:
     from protocols import detection, segmentation
-    from protocols.common import resolve_device
-    from protocols.transfer import ProtocolDeviation
 
-    subject = None
-    preset = "reference" if cfg.scale == "paper" else "small"
+    paper = cfg.scale == "paper"
+    steps = []
     for task in cfg.tasks:
         detecting = task in detection.TASKS
+        protocol = (detection.PROTOCOL_OF_TASK if detecting else segmentation.PROTOCOL_OF_TASK)[task]
+        roots, overrides = _dense_data(task, cfg)
+        iterations = cfg.det_iterations if detecting else cfg.seg_iterations
+        if iterations is None and not paper:
+            iterations = SMALL_DENSE_ITERATIONS["det" if detecting else "seg"]
         for mode in cfg.modes:
-            step = f"{job.name}/{task}/{mode}"
-            if state.done(step):
-                _log(f"{step}: already stored as {state.done(step)}", "replicate-dense")
-                continue
-            if subject is None:
-                subject = backbone_under_test(checkpoint, cfg.arch or None, seed=job.seed)
-            roots, overrides = _dense_data(task, cfg)
-            iterations = cfg.det_iterations if detecting else cfg.seg_iterations
-            if iterations is None and preset == "small":
-                iterations = SMALL_DENSE_ITERATIONS["det" if detecting else "seg"]
-            module = detection if detecting else segmentation
-            run_cfg = module.make_config(task, preset, mode=mode, seed=job.seed, workers=cfg.workers,
-                                         device=str(resolve_device(cfg.device)), iterations=iterations,
-                                         **overrides)
-            _log(f"{step}: {run_cfg.iterations} iterations at batch {run_cfg.batch_size} on {roots[0]}", "replicate-dense")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
-                result = module.run(subject, roots if detecting else roots[0], run_cfg,
-                                    Path(cfg.runs) / "work" / job.name / f"{task}-{mode}", progress=cfg.progress)
-            result.config["replication"] = {
-                "batch": state.batch, "method": job.method, "seed": job.seed, "scale": cfg.scale,
-                "pretrain_data": cfg.pretrain_data if cfg.checkpoints else "synthetic-voc",
-                "pretrain_epochs": recipe.get("epochs", cfg.pretrain_epochs), "arch": subject.backbone.name,
-                "pretrain": recipe, "task": task, "mode": mode,
-            }
-            record = store.write_run("replicate-dense", result, seed=job.seed,
-                                     command=["densecl-bench", *sys.argv[1:]] if sys.argv[1:] else None)
-            state.mark(step, record.run_id)
-            headline = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k in ("AP", "bbox_AP", "mIoU"))
-            _log(f"{step}: {headline}; stored {record.path}", "replicate-dense")
+            settings = dict(overrides, mode=mode, seed=job.seed, workers=cfg.workers, device=cfg.device,
+                            iterations=iterations, preset="reference" if paper else "small")
+            steps.append(Step(f"{task}/{mode}", protocol, roots if detecting else roots[0], settings,
+                              Path(cfg.runs) / "work" / job.name / f"{task}-{mode}"))
+    return steps
 
 
 def replicate_dense(cfg: ReplicateDenseConfig) -> dict[str, Any]:
     """Run the dense pipeline; returns {"batch", "runs", "report"} like `replicate_voc`."""
     from protocols.transfer import require_mm_stack
-    from replication.report import write_report
+    from replication.report import select_runs, write_report
     from replication.results import ResultsStore
 
     cfg.validate()
@@ -358,8 +368,8 @@ def replicate_dense(cfg: ReplicateDenseConfig) -> dict[str, Any]:
     _log(f"batch {state.batch}: {cfg.scale} scale, tasks {', '.join(cfg.tasks)}, modes {', '.join(cfg.modes)}",
          "replicate-dense")
     for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-dense", cfg.pretrain_runs):
-        _dense_evaluate(job, checkpoint, recipe, cfg, state, store)
-    report = write_report(store, "replicate-dense", state.batch)
+        run_steps(job, checkpoint, recipe, dense_steps(job, cfg), cfg, state, store, "replicate-dense")
+    report = write_report(store, select_runs(store, "replicate-dense", state.batch))
     state.state["report"] = str(report)
     state.save()
     _log(f"done in {time.perf_counter() - started:.0f} s", "replicate-dense")

@@ -10,7 +10,6 @@ training amplifies. `--update` rewrites the reference: a deliberate act, never a
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -18,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocols import voc_svm
 from protocols.common import backbone_under_test, default_voc_root
+from protocols.voc_svm import VOC07_LOWSHOT, VOC07_SVM
 from replication.pipelines import Job, ReplicateVOCConfig, pretrain_checkpoint
 
 REFERENCE = Path("results") / "reference" / "regression.json"
@@ -56,16 +55,14 @@ def measure(work: Path, progress: bool = True) -> dict[str, float]:
         last = Path(recipe["log"]).read_text().splitlines()[-1]
         metrics[f"{method}/final_loss"] = json.loads(last)["loss"]
         subject = backbone_under_test(backbone, seed=job.seed)
-        features = voc_svm.VOCEvalConfig(layers=SETTINGS["svm_layers"], workers=0, device="cpu")
-        result = voc_svm.run(
-            subject, root, features, progress=progress,
-            svm=voc_svm.SVMConfig(costs=SETTINGS["costs"], seed=job.seed),
-            low_shot=voc_svm.LowShotConfig(ks=SETTINGS["lowshot_ks"], samples=SETTINGS["lowshot_samples"],
-                                           costs=SETTINGS["costs"], seed=job.seed),
-        )
-        for name, value in result.metrics.items():
-            if not name.startswith("best/") and (name.endswith("/mAP") or name.endswith("/mean")):
-                metrics[f"{method}/{name}"] = value
+        common = dict(layers=SETTINGS["svm_layers"], workers=0, device="cpu", costs=SETTINGS["costs"], seed=job.seed)
+        runs = [VOC07_SVM.run(subject, root, VOC07_SVM.make_config(common), progress=progress),
+                VOC07_LOWSHOT.run(subject, root, VOC07_LOWSHOT.make_config(
+                    dict(common, ks=SETTINGS["lowshot_ks"], samples=SETTINGS["lowshot_samples"])), progress=progress)]
+        for result in runs:
+            for name, value in result.metrics.items():
+                if not name.startswith("best/") and (name.endswith("/mAP") or name.endswith("/mean")):
+                    metrics[f"{method}/{name}"] = value
     return metrics
 
 
@@ -80,15 +77,13 @@ def run(update: bool = False, reference_path: Path = REFERENCE, progress: bool =
         measured = measure(Path(work), progress)
     elapsed = time.perf_counter() - started
     if update:
-        from baselines.train import run_metadata
+        from baselines.infra import atomic_write_json, provenance
 
         reference_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"settings": SETTINGS, "metrics": measured, "bands": {m: _band(m) for m in measured},
-                   "produced_by": "densecl-bench regression --update", "environment": run_metadata(),
+                   "produced_by": "densecl-bench regression --update", "environment": provenance(),
                    "seconds": round(elapsed, 1)}
-        tmp = reference_path.with_name(reference_path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        os.replace(tmp, reference_path)
+        atomic_write_json(reference_path, payload)
         print(f"[regression] wrote the reference {reference_path} ({len(measured)} metrics, {elapsed:.0f} s)")
         return 0
     if not reference_path.is_file():

@@ -1,250 +1,331 @@
-"""Verdicts: for every claim, what the stored runs of one pipeline batch say about it; plus plots.
+"""Reports: the verdict on every claim from any set of stored runs, as tables and plots.
 
-A claim is judged only by runs whose protocol, dataset, method, backbone and scale match it
-(DESIGN.md, "Verdicts"):
-- `not transcribed`: the paper's number could not be read (empty value);
-- `not run (why)`: no stored run measures it (another protocol, layer, k, checkpoint or seed count);
-- `not comparable (scale)`: an absolute/delta claim at paper scale, and only small-scale runs;
-- `reproduced` / `not reproduced`: small-scale runs against *directional* claims, over >= 3 seeds,
-  by the 95% confidence interval of the per-seed paired difference (inside the claimed side:
-  reproduced; wholly on the other side: not reproduced; straddling zero: not reproduced,
-  inconclusive); paper-scale runs against absolute numbers within the claim's tolerance.
+A set of runs is a pipeline batch, a list of run ids, or a selection over the whole store
+(`select_runs`). Every run's numbers come from its own protocol's `measurements` (protocols.registry), so
+a run stored by `densecl-bench eval` is judged exactly like a pipeline run. A claim is judged only by
+runs whose protocol, layer, k, metric, pretraining and scale match it (`replication.verdicts`).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
+import hashlib
 import io
+import logging
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baselines.methods import paper_name
+from protocols.common import PRETRAIN_NAMES
 from protocols.result import ProtocolResult
-from replication.claims import Claim, load_claims
+from replication.claims import DEFAULT_PATH, Claim, load_claims
+from replication.verdicts import RESOLVED, STATUSES, Measurement, Verdict, judge
 
-METHOD_NAMES = {"mocov2": "MoCo-v2", "densecl": "DenseCL"}
-PRETRAIN_NAMES = {"imagenet": "in1k", "in1k": "in1k", "coco": "coco"}
-BACKBONE_NAMES = {"resnet50": "R50", "resnet101": "R101", "resnet18": "R18"}
-MIN_SEEDS = 3
-STATUSES = ("reproduced", "not reproduced", "not comparable (scale)", "not run", "not transcribed")
+LOG = logging.getLogger("densecl_bench.report")
+BACKBONE_NAMES = {"resnet50": "R50", "resnet101": "R101", "resnet18": "R18", "resnet34": "R34"}
+SELECT_KEYS = ("protocol", "pipeline", "method", "seed", "scale", "dataset", "checkpoint", "run")
+REPORT_PROTOCOL = "report"
+STATUS_COLOURS = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
 
 
-@dataclass(frozen=True)
-class Measurement:
-    method: str  # paper naming: DenseCL, MoCo-v2
-    seed: int
-    scale: str  # small | paper
-    pretrain_data: str
-    epochs: int | None
-    backbone: str
-    protocol_id: str
-    layer: str
-    k: int | None
-    value: float
-    run_id: str
-    metric: str = "mAP"
+class ReportError(ValueError):
+    """A selection that names no runs, an unknown key or id; one line."""
+
+
+# ---------------------------------------------------------------------------------------------- selection
 
 
 @dataclass
-class Verdict:
-    claim: Claim
-    status: str
-    reason: str = ""
-    measured: float | None = None
-    interval: tuple[float, float] | None = None
-    n: int = 0
-
-    def row(self) -> dict[str, Any]:
-        c = self.claim
-        return {
-            "claim_id": c.claim_id, "status": self.status, "reason": self.reason, "kind": c.kind,
-            "protocol_id": c.protocol_id, "method": c.method, "baseline": c.baseline, "relation": c.relation,
-            "layer": c.layer, "k": "" if c.k is None else c.k, "reported": "" if c.value is None else c.value,
-            "tolerance": "" if c.tolerance is None else c.tolerance,
-            "measured": "" if self.measured is None else round(self.measured, 3),
-            "ci95_low": "" if self.interval is None else round(self.interval[0], 3),
-            "ci95_high": "" if self.interval is None else round(self.interval[1], 3),
-            "n": self.n or "", "source": c.source_key,
-        }
+class Selection:
+    records: list  # RunRecord
+    label: str  # what the report is about, for its title
+    pipeline: str  # where the report is stored: the batch's pipeline, else "reports"
+    key: dict[str, Any] = field(default_factory=dict)  # what identifies it (an identical re-run reuses the report)
 
 
-# Dense protocol names as stored -> the claims' protocol ids, and the metrics claims are made about.
-DENSE_PROTOCOLS = {"det_voc_c4": "det_voc_c4", "det_coco_fpn": "det_coco_mask_fpn", "seg_voc_fcn": "seg_voc_fcn",
-                   "seg_cityscapes_fcn": "seg_cityscapes_fcn"}
-DENSE_METRICS = ("AP", "AP50", "AP75", "bbox_AP", "bbox_AP50", "bbox_AP75", "mask_AP", "mask_AP50", "mask_AP75", "mIoU")
-# Our dense runs *are* MMSelfSup's mmdet/mmseg protocols, so paper-scale runs also answer their rows.
-MM_REIMPLEMENTATIONS = {("det_voc_c4", "AP50"): "det_voc_c4_mmdet", ("seg_voc_fcn", "mIoU"): "seg_voc_fcn_mmseg"}
-GAP_PROTOCOLS = {("det_voc_c4", "AP"), ("seg_voc_fcn", "mIoU")}  # frozen minus fine-tuned, per method and seed
+def _matches(record, key: str, value: str) -> bool:
+    pretraining = record.pretraining
+    if key == "protocol":
+        return record.protocol == value
+    if key == "pipeline":
+        return record.pipeline == value
+    if key == "method":
+        return paper_name(str(pretraining.get("method") or "")).lower() == paper_name(value).lower()
+    if key == "seed":
+        return str(pretraining.get("seed")) == value
+    if key == "scale":
+        return record.scale == value
+    if key == "dataset":
+        return str(record.dataset.get("name", "")) == value
+    if key == "checkpoint":
+        info = record.checkpoint
+        return str(info.get("sha256") or "").startswith(value) or value in str(info.get("path") or "")
+    return record.run_id.startswith(value)  # "run"
 
 
-def _dense_rows(record, common: dict[str, Any]) -> list[Measurement]:
-    protocol_id = DENSE_PROTOCOLS[record.protocol]
-    frozen = record.config.get("mode") == "frozen"
-    rows = []
-    for metric in DENSE_METRICS:
-        value = record.metrics.get(metric)
-        if value is None:
-            continue
-        rows.append(Measurement(protocol_id=protocol_id + ("_frozen" if frozen else ""), layer="", k=None,
-                                value=value, metric=metric, **common))
-        if not frozen and (protocol_id, metric) in MM_REIMPLEMENTATIONS:
-            rows.append(Measurement(protocol_id=MM_REIMPLEMENTATIONS[(protocol_id, metric)], layer="", k=None,
-                                    value=value, metric=metric, **common))
-    return rows
+def parse_select(text: str) -> list[tuple[str, str]]:
+    filters = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not value or key not in SELECT_KEYS:
+            raise ReportError(f"--select expects KEY=VALUE,... with keys {', '.join(SELECT_KEYS)}; got {part!r}")
+        filters.append((key, value))
+    if not filters:
+        raise ReportError("--select names no filter")
+    return filters
 
 
-def _gap_rows(rows: list[Measurement]) -> list[Measurement]:
-    """Per (method, seed): frozen minus fine-tuned, for the journal's 'larger gains when frozen'."""
-    index = {(m.protocol_id, m.metric, m.method, m.seed, m.scale): m for m in rows}
-    gaps = []
-    for (protocol_id, metric) in sorted(GAP_PROTOCOLS):
-        for (pid, met, method, seed, scale), frozen in index.items():
-            finetuned = index.get((protocol_id, metric, method, seed, scale))
-            if pid == f"{protocol_id}_frozen" and met == metric and finetuned is not None:
-                gaps.append(dataclasses.replace(frozen, protocol_id=f"{protocol_id}_frozen_minus_finetune",
-                                                value=frozen.value - finetuned.value,
-                                                run_id=f"{frozen.run_id}-{finetuned.run_id}"))
-    return gaps
-
-
-def measurements(records) -> list[Measurement]:
-    """Flatten a batch's stored runs into one row per (method, seed, protocol, layer, k, metric) number."""
-    rows = []
-    for record in records:
-        rep = record.config.get("replication", {})
-        if not rep:
-            continue
-        common = dict(
-            method=METHOD_NAMES.get(rep["method"], rep["method"]), seed=int(rep["seed"]), scale=rep["scale"],
-            pretrain_data=PRETRAIN_NAMES.get(rep.get("pretrain_data", ""), rep.get("pretrain_data", "")),
-            epochs=rep.get("pretrain_epochs"), backbone=BACKBONE_NAMES.get(rep.get("arch", ""), rep.get("arch", "")),
-            run_id=record.run_id,
-        )
-        if record.protocol in DENSE_PROTOCOLS:
-            rows.extend(_dense_rows(record, common))
-            continue
-        for name, value in record.metrics.items():
-            parts = name.split("/")
-            if parts[0] == "best" or value is None:
-                continue
-            if record.protocol in ("voc07_svm", "voc07_svm+lowshot") and len(parts) == 2 and parts[1] == "mAP":
-                rows.append(Measurement(protocol_id="voc07_svm", layer=parts[0], k=None, value=value, **common))
-            elif len(parts) == 3 and parts[1].startswith("k=") and parts[2] == "mean":
-                rows.append(Measurement(protocol_id="voc07_lowshot", layer=parts[0], k=int(parts[1][2:]),
-                                        value=value, **common))
-    return rows + _gap_rows(rows)
-
-
-def t_quantile_975(df: int) -> float:
-    """Two-sided 95% Student-t quantile (scipy ships with scikit-learn)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
-
-
-def paired_interval(differences: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% t-interval of the mean difference."""
-    mean = statistics.fmean(differences)
-    half = t_quantile_975(len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return mean, mean - half, mean + half
-
-
-def _holds(value: float, comparator: str) -> bool:
-    return {"<": value < 0, "<=": value <= 0, ">": value > 0, ">=": value >= 0}[comparator]
-
-
-def _select(rows: list[Measurement], claim: Claim, method: str) -> list[Measurement]:
-    return [m for m in rows if m.protocol_id == claim.protocol_id and m.method == method
-            and (not claim.layer or m.layer == claim.layer) and (claim.k is None or m.k == claim.k)
-            and (not claim.metric or m.metric == claim.metric)]
-
-
-def _missing_reason(rows: list[Measurement], claim: Claim) -> str:
-    same = [m for m in rows if m.protocol_id == claim.protocol_id]
-    if not same:
-        return f"protocol {claim.protocol_id} is not part of this pipeline"
-    if claim.layer and claim.layer not in {m.layer for m in same}:
-        return f"layer {claim.layer} not evaluated (ran {', '.join(sorted({m.layer for m in same}))})"
-    if claim.k is not None and claim.k not in {m.k for m in same}:
-        ran = sorted({m.k for m in same if m.k is not None})
-        return f"k={claim.k} not evaluated (ran k={ran}; the dataset has too few images per class)"
-    return f"no {claim.method} run in this batch"
-
-
-def judge_directional(claim: Claim, rows: list[Measurement]) -> Verdict:
-    ours, theirs = _select(rows, claim, claim.method), _select(rows, claim, claim.baseline)
-    if not ours or not theirs:
-        return Verdict(claim, "not run", _missing_reason(rows, claim) if not ours else f"no {claim.baseline} run")
-    by_seed = {m.seed: m.value for m in theirs}
-    pairs = [(m.value, by_seed[m.seed]) for m in ours if m.seed in by_seed]
-    comparator = claim.comparator
-    if ours[0].scale == "paper":
-        diff = ours[0].value - claim.factor * theirs[0].value
-        status = "reproduced" if _holds(diff, comparator) else "not reproduced"
-        return Verdict(claim, status, f"{claim.method} {ours[0].value:.2f} vs {claim.baseline} {theirs[0].value:.2f}",
-                       measured=diff, n=1)
-    if len(pairs) < MIN_SEEDS:
-        return Verdict(claim, "not run", f"{len(pairs)} paired seed(s); a directional verdict needs {MIN_SEEDS}")
-    differences = [a - claim.factor * b for a, b in pairs]
-    mean, low, high = paired_interval(differences)
-    if _holds(low, comparator) and _holds(high, comparator):
-        status, why = "reproduced", "the whole 95% interval is on the claimed side"
-    elif not _holds(low, comparator) and not _holds(high, comparator):
-        status, why = "not reproduced", "the whole 95% interval is on the other side"
-    else:
-        status, why = "not reproduced", "inconclusive: the 95% interval straddles zero"
-    reason = f"{claim.method} - {claim.baseline} = {mean:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, {len(pairs)} seeds): {why}"
-    return Verdict(claim, status, reason, measured=mean, interval=(low, high), n=len(pairs))
-
-
-def judge_absolute(claim: Claim, rows: list[Measurement]) -> Verdict:
-    candidates = [m for m in _select(rows, claim, claim.method) if m.scale == "paper"
-                  and (not claim.pretrain_data or m.pretrain_data == claim.pretrain_data)
-                  and (claim.epochs is None or m.epochs == claim.epochs)
-                  and (not claim.backbone or m.backbone == claim.backbone)]
+def select_runs(store, pipeline: str | None = "replicate-voc", batch: str | None = None,
+                runs: list[str] | None = None, select: str | None = None) -> Selection:
+    """The runs a report judges: `runs` (ids), else `select` (filters), else `batch` of `pipeline` (default latest)."""
+    if runs:
+        every = {r.run_id: r for r in store.load_runs() if r.protocol != REPORT_PROTOCOL}
+        unknown = [run for run in runs if run not in every]
+        if unknown:
+            raise ReportError(f"no stored run {', '.join(unknown)} in {store.root}")
+        records = [every[run] for run in dict.fromkeys(runs)]
+        return Selection(records, f"runs {', '.join(runs)}", "reports", {"runs": sorted(runs)})
+    if select:
+        filters = parse_select(select)
+        records = [r for r in store.load_runs() if r.protocol != REPORT_PROTOCOL
+                   and all(_matches(r, k, v) for k, v in filters)]
+        if not records:
+            raise ReportError(f"no stored run in {store.root} matches {select!r}")
+        return Selection(records, f"runs matching {select}", "reports", {"runs": sorted(r.run_id for r in records)})
+    pipeline = pipeline or "replicate-voc"
+    candidates = [r for r in store.load_runs(pipeline) if r.protocol != REPORT_PROTOCOL and r.batch]
     if not candidates:
-        if any(m.protocol_id == claim.protocol_id and m.scale == "small" for m in rows):
-            return Verdict(claim, "not comparable (scale)", "small-scale runs are judged by directional claims only")
-        same = [m for m in rows if m.protocol_id == claim.protocol_id]
-        if same:
-            return Verdict(claim, "not run", f"no {claim.method} {claim.backbone} {claim.pretrain_data} "
-                           f"{claim.epochs or ''} checkpoint in this batch".replace("  ", " "))
-        return Verdict(claim, "not run", _missing_reason(rows, claim))
-    measured = statistics.fmean(m.value for m in candidates)
-    tolerance = claim.tolerance if claim.tolerance is not None else 0.0
-    gap = measured - claim.value
-    status = "reproduced" if abs(gap) <= tolerance + claim.rounding else "not reproduced"
-    return Verdict(claim, status, f"measured {measured:.2f} vs reported {claim.value} (±{tolerance}); gap {gap:+.2f}",
-                   measured=measured, n=len(candidates))
+        raise ReportError(f"no {pipeline} runs in {store.root}; run the pipeline first, or pass --runs / --select")
+    batch = batch or candidates[-1].batch
+    records = [r for r in candidates if r.batch == batch]
+    if not records:
+        raise ReportError(f"no stored runs of {pipeline} batch {batch} in {store.root}")
+    return Selection(records, f"{pipeline} batch {batch}", pipeline,
+                     {"batch": batch, "runs": sorted(r.run_id for r in records)})
 
 
-def judge(claim: Claim, rows: list[Measurement]) -> Verdict:
-    if claim.kind == "directional":
-        return judge_directional(claim, rows)
-    if claim.value is None:
-        return Verdict(claim, "not transcribed", "the source's table could not be read; value missing")
-    if claim.kind == "absolute":
-        return judge_absolute(claim, rows)
-    if claim.kind == "delta" and any(m.protocol_id == claim.protocol_id for m in rows):
-        if all(m.scale == "small" for m in rows):
-            return Verdict(claim, "not comparable (scale)", "a paper-scale difference; small runs are judged by direction")
-    return Verdict(claim, "not run", _missing_reason(rows, claim) if claim.kind in ("absolute", "delta")
-                   else f"a {claim.kind} claim: not a quantity this pipeline measures")
+# ---------------------------------------------------------------------------------------------- measurements
 
 
-def verdicts(claims: list[Claim], rows: list[Measurement]) -> list[Verdict]:
-    return [judge(claim, rows) for claim in claims]
+def measurements(records) -> tuple[list[Measurement], list[str]]:
+    """Every number the runs measured, as claims key them, plus one line per run that cannot be matched."""
+    from protocols.registry import ProtocolError, get_protocol
+
+    rows: list[Measurement] = []
+    unmatched: list[str] = []
+    derive = {}
+    for record in records:
+        try:
+            protocol = get_protocol(record.protocol)
+        except ProtocolError:
+            unmatched.append(f"{record.run_id}: protocol {record.protocol!r} is not registered")
+            continue
+        result: ProtocolResult = record.as_result()
+        pretraining = result.pretraining
+        if protocol.derived is not None:
+            derive[protocol.name] = protocol.derived
+        readings = protocol.measurements(result)
+        if readings and not any(r.method for r in readings) and not pretraining.get("method"):
+            unmatched.append(f"{record.run_id}: the checkpoint's method is unknown (store it with eval --method)")
+            continue
+        arch = str(pretraining.get("arch") or "")
+        data = str(pretraining.get("pretrain_data") or "")
+        for reading in readings:
+            rows.append(Measurement(
+                method=paper_name(str(reading.method or pretraining.get("method"))),
+                seed=pretraining.get("seed"), scale=result.scale or "small",
+                pretrain_data=PRETRAIN_NAMES.get(data, data), epochs=pretraining.get("epochs"),
+                backbone=BACKBONE_NAMES.get(arch, arch), protocol_id=reading.protocol_id, layer=reading.layer,
+                k=reading.k, value=float(reading.value), run_id=record.run_id, metric=reading.metric,
+                unit=f"{record.run_id}#{reading.replicate}" if reading.replicate is not None else ""))
+    for derived in derive.values():
+        rows += derived(rows)
+    return rows, unmatched
+
+
+def claimed_effect(claim: Claim, by_id: dict[str, Claim]) -> float | None:
+    """The paper's own difference for a comparative claim: its cited deltas, else its cited number pairs."""
+    cited = [by_id[i] for i in claim.derived_from if i in by_id]
+    deltas = [c.value for c in cited if c.kind == "delta" and c.value is not None and c.protocol_id == claim.protocol_id
+              and (c.method, c.baseline) == (claim.method, claim.baseline)]
+    if deltas:
+        return statistics.fmean(deltas)
+    groups: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for c in cited:
+        if c.kind == "absolute" and c.value is not None and c.metric == claim.metric:
+            groups[(c.source_key, c.pretrain_data, c.epochs, c.layer, c.k)][c.method] = c.value
+    differences = [g[claim.method] - g[claim.baseline] for g in groups.values() if claim.method in g and claim.baseline in g]
+    return statistics.fmean(differences) if differences else None
+
+
+def judge_all(claims: list[Claim], rows: list[Measurement]) -> list[Verdict]:
+    from replication.coverage import metrics_by_protocol
+
+    reachable = set(metrics_by_protocol())
+    by_id = {c.claim_id: c for c in claims}
+    judged = []
+    for claim in claims:
+        effect = claimed_effect(claim, by_id) if claim.kind in ("directional", "equivalence") else None
+        judged.append(judge(claim, rows, reachable, effect))
+    return judged
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _summary_table(rows: list[Measurement]) -> list[str]:
+    groups = defaultdict(list)
+    for m in rows:
+        if m.unit:  # per-round readings (step times) are summarised by their claim, not here
+            continue
+        groups[(m.protocol_id, m.metric, m.layer, m.k, m.scale, m.method)].append(m.value)
+    lines = ["| protocol | metric | layer | k | scale | method | mean | std | runs |", "|---|---|---|---|---|---|---|---|---|"]
+    for (protocol, metric, layer, k, scale, method), values in sorted(
+            groups.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0, *kv[0][4:])):
+        mean, std = _mean_std(values)
+        lines.append(f"| {protocol} | {metric} | {layer} | {'' if k is None else k} | {scale} | {method} | {mean:.2f} "
+                     f"| {std:.2f} | {len(values)} |")
+    return lines
+
+
+def _claimed(v: Verdict) -> str:
+    c = v.claim
+    if c.kind == "directional":
+        return f"{c.method} {c.relation} {c.baseline}"
+    if c.kind == "equivalence":
+        return f"{c.method} within ±{c.tolerance:g} of {c.baseline}"
+    return f"{c.value:g} ± {c.tolerance:g}" if c.value is not None and c.tolerance is not None else c.value_text
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
+
+
+def verdict_table(judged: list[Verdict]) -> list[str]:
+    lines = ["| claim | claimed | measured | 95% interval | MDE (80% power) | seeds to resolve | paper's effect | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in judged:
+        interval = f"{v.interval[0]:+.2f} .. {v.interval[1]:+.2f}" if v.interval else ""
+        if v.claim.kind == "equivalence" and v.interval:
+            interval += " (90%)"
+        lines.append(f"| `{v.claim.claim_id}` | {_claimed(v)} | {_number(v.measured)} | {interval} | "
+                     f"{'' if v.mde is None or not math.isfinite(v.mde) else f'{v.mde:.2f}'} | "
+                     f"{v.seeds_needed or ''} | {_number(v.claimed_effect)} | **{v.status}** |")
+    return lines
+
+
+def verdict_csv(judged: list[Verdict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(judged[0].row()), lineterminator="\n")
+    writer.writeheader()
+    for v in judged:
+        writer.writerow(v.row())
+    return out.getvalue()
+
+
+HOW_TO_READ = (
+    "How to read this: small-scale runs (synthetic data, small backbones) cannot be compared with the paper's "
+    "absolute numbers; they are judged on *directional* claims (DenseCL above or below MoCo-v2) from the per-seed "
+    "paired difference, and on *equivalence* claims ('comparable') by two one-sided tests against the stated margin. "
+    "`reproduced`: the 95% interval lies on the claimed side (for equivalence: the 90% interval lies inside the "
+    "margin); `contradicted`: it lies wholly on the other side (or outside the margin); `inconclusive`: it "
+    "straddles zero, and the MDE column says the smallest true difference this design detects with 80% power, "
+    "the next column how many seeds would resolve the measured mean. Paper-scale runs (real data, real "
+    "checkpoints) are judged against the paper's numbers within each claim's tolerance; where one run per method "
+    "is all there is, a difference is judged against the protocol's noise band.")
+
+
+def markdown(selection: Selection, judged: list[Verdict], rows: list[Measurement], unmatched: list[str]) -> str:
+    counts = defaultdict(int)
+    for v in judged:
+        counts[v.status] += 1
+    scale = ", ".join(sorted({m.scale for m in rows})) or "none"
+    measured_protocols = {m.protocol_id for m in rows}
+    judged_rows = [v for v in judged if v.status in (*RESOLVED, "inconclusive")]
+    unjudged = [v for v in judged if v.status not in (*RESOLVED, "inconclusive") and v.claim.protocol_id in measured_protocols]
+    lines = [
+        f"# Verdicts: {selection.label}", "",
+        f"Scale: **{scale}**. Runs: {len(selection.records)} stored protocol runs. Claims: {len(judged)} "
+        "(`replication/claims.csv`).", "", HOW_TO_READ, "",
+        "| status | claims |", "|---|---|", *[f"| {status} | {counts[status]} |" for status in STATUSES if counts[status]],
+        "",
+    ]
+    if unmatched:
+        lines += ["Runs that could not be matched to claims:", "", *[f"- {line}" for line in unmatched], ""]
+    lines += [
+        "## Measured (x100 metrics; seconds for step times)", "", *_summary_table(rows), "",
+        "## Claims these runs could judge", "", *verdict_table(judged_rows), "",
+        "Why, claim by claim:", "", *[f"- `{v.claim.claim_id}`: {v.reason}" for v in judged_rows], "",
+        "## Claims about these protocols that they could not judge", "",
+        "| claim | status | why |", "|---|---|---|",
+        *[f"| `{v.claim.claim_id}` | {v.status} | {v.reason} |" for v in unjudged], "",
+        "Every other claim is listed in `verdicts.csv` with its status and reason.", "",
+        "Plots: `plots/verdicts.png` (each judged claim's interval, the MDE band and the paper's own effect), and "
+        "where the runs have them `plots/lowshot.png`, `plots/layers.png`, `plots/dense.png`, "
+        "`plots/pretrain_loss.png`.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+def plot_verdicts(judged: list[Verdict]):
+    """Each comparative claim: the measured difference with its interval (colour = status), the ±MDE band around
+    zero, and the paper's own difference; paper-scale absolute claims: measured against reported."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    comparative = [v for v in judged if v.claim.kind in ("directional", "equivalence") and v.measured is not None]
+    absolute = [v for v in judged if v.claim.kind == "absolute" and v.measured is not None and v.status in RESOLVED]
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.42 * (len(comparative) or len(absolute)) + 1.8)))
+    if comparative:
+        ys = list(range(len(comparative)))
+        for y, v in zip(ys, comparative):
+            if v.mde is not None and math.isfinite(v.mde):
+                ax.fill_betweenx([y - 0.35, y + 0.35], -v.mde, v.mde, color="tab:blue", alpha=0.12, lw=0)
+            if v.interval:
+                ax.plot(v.interval, [y, y], color=STATUS_COLOURS.get(v.status, "k"), lw=2)
+            ax.plot([v.measured], [y], "o", color=STATUS_COLOURS.get(v.status, "k"))
+            if v.claimed_effect is not None:
+                ax.plot([v.claimed_effect], [y], "D", mfc="none", mec="k", ms=6)
+            if v.claim.kind == "equivalence":
+                margin = v.claim.tolerance
+                ax.plot([-margin, margin], [y, y], "|", color="purple", ms=14, mew=2)
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(ys, [f"{v.claim.claim_id.split('.', 1)[1]} ({_claimed(v)})" for v in comparative], fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="DenseCL − MoCo-v2 (metric units): mean over paired seeds with its interval",
+               title="comparative claims")
+        handles = [Line2D([], [], color=c, marker="o", lw=2, label=s) for s, c in STATUS_COLOURS.items()]
+        handles += [Patch(color="tab:blue", alpha=0.12, label="±MDE (80% power)"),
+                    Line2D([], [], ls="none", marker="D", mfc="none", mec="k", label="paper's own difference"),
+                    Line2D([], [], ls="none", marker="|", color="purple", ms=12, mew=2, label="equivalence margin")]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif absolute:
+        reported = [v.claim.value for v in absolute]
+        measured = [v.measured for v in absolute]
+        tol = [v.claim.tolerance or 0 for v in absolute]
+        ax.errorbar(reported, measured, yerr=tol, fmt="o", capsize=3, label="measured (bar: ± tolerance)")
+        lo, hi = min(reported + measured) - 2, max(reported + measured) + 2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = reported")
+        ax.set(xlabel="reported", ylabel="measured", title="measured vs reported (paper scale)")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no claim measured by these runs", ha="center", va="center")
+        ax.set_axis_off()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def plot_lowshot(rows: list[Measurement], claims: list[Claim]):
@@ -266,7 +347,7 @@ def plot_lowshot(rows: list[Measurement], claims: list[Claim]):
             ref.plot([k for k, _ in reference], [v for _, v in reference], marker="s", label=f"{method} (MMSelfSup)")
     scale = {m.scale for m in rows} or {"small"}
     ours.set(xscale="log", xlabel="k (positives per class)", ylabel="mAP (x100)",
-             title=f"this batch ({'/'.join(sorted(scale))} scale; mean ± std over seeds)")
+             title=f"these runs ({'/'.join(sorted(scale))} scale; mean ± std over seeds)")
     ref.set(xscale="log", xlabel="k (positives per class)", ylabel="mAP (x100)",
             title="reported: ImageNet 200 ep, R50, VOC07")
     for ax in (ours, ref):
@@ -285,165 +366,20 @@ def plot_layers(rows: list[Measurement]):
 
     svm = [m for m in rows if m.protocol_id == "voc07_svm"]
     layers = sorted({m.layer for m in svm})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.38
-    for i, method in enumerate(("MoCo-v2", "DenseCL")):
-        stats = [_mean_std([m.value for m in svm if m.method == method and m.layer == layer] or [math.nan]) for layer in layers]
-        xs = [j + (i - 0.5) * width for j in range(len(layers))]
+    methods = sorted({m.method for m in svm})
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(layers) + 3), 4))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        stats = [_mean_std([m.value for m in svm if m.method == method and m.layer == layer] or [math.nan])
+                 for layer in layers]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(layers))]
         ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=method)
     ax.set_xticks(range(len(layers)), layers)
     ax.set(ylabel="VOC07 SVM mAP (x100)", title="SVM mAP per backbone stage (mean ± std over seeds)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def plot_verdicts(judged: list[Verdict]):
-    """Small scale: each directional claim's measured difference and 95% CI; paper scale: measured vs reported."""
-    import matplotlib.pyplot as plt
-
-    directional = [v for v in judged if v.claim.kind == "directional" and v.measured is not None]
-    absolute = [v for v in judged if v.claim.kind == "absolute" and v.measured is not None]
-    fig, ax = plt.subplots(figsize=(9, max(3, 0.4 * (len(directional) or len(absolute)) + 1.5)))
-    if absolute:
-        reported = [v.claim.value for v in absolute]
-        measured = [v.measured for v in absolute]
-        tol = [v.claim.tolerance or 0 for v in absolute]
-        ax.errorbar(reported, measured, yerr=tol, fmt="o", capsize=3, label="measured (bar: ± tolerance)")
-        lo, hi = min(reported + measured) - 2, max(reported + measured) + 2
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = reported")
-        ax.set(xlabel="reported", ylabel="measured", title="measured vs reported (paper scale)")
-        ax.legend()
-    elif directional:
-        names = [v.claim.claim_id.removeprefix("dir.") for v in directional]
-        means = [v.measured for v in directional]
-        errors = [[m - (v.interval or (m, m))[0] for m, v in zip(means, directional)],
-                  [(v.interval or (m, m))[1] - m for m, v in zip(means, directional)]]
-        colors = ["tab:green" if v.status == "reproduced" else "tab:red" for v in directional]
-        ys = range(len(names))
-        ax.errorbar(means, ys, xerr=errors, fmt="none", ecolor="gray", capsize=3)
-        ax.scatter(means, ys, c=colors, zorder=3)
-        ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(list(ys), [f"{n} ({v.claim.relation} 0)" for n, v in zip(names, directional)], fontsize=8)
-        ax.set(xlabel="DenseCL − MoCo-v2, mean over seeds with 95% CI", title="directional claims (green: reproduced)")
-    else:
-        ax.text(0.5, 0.5, "no claim measured in this batch", ha="center", va="center")
-        ax.set_axis_off()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_losses(records):
-    """Pretraining loss per iteration, read from each checkpoint's log.jsonl."""
-    import json
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    seen = set()
-    for record in records:
-        rep = record.config.get("replication", {})
-        log = Path(rep.get("pretrain", {}).get("log", ""))
-        key = (rep.get("method"), rep.get("seed"))
-        if key in seen or not log.is_file():
-            continue
-        seen.add(key)
-        steps, losses = [], []
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            steps.append(entry["step"])
-            losses.append(entry["loss"])
-        style = "-" if rep.get("method") == "densecl" else "--"
-        ax.plot(steps, losses, style, label=f"{METHOD_NAMES.get(rep.get('method'), rep.get('method'))} seed {rep.get('seed')}")
-    if seen:
-        ax.set(xlabel="iteration", ylabel="training loss", title="pretraining loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    else:
-        ax.text(0.5, 0.5, "no pretraining logs (checkpoints were given)", ha="center", va="center")
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def verdict_csv(judged: list[Verdict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(judged[0].row()))
-    writer.writeheader()
-    for v in judged:
-        writer.writerow(v.row())
-    return out.getvalue()
-
-
-def _summary_table(rows: list[Measurement]) -> list[str]:
-    groups = defaultdict(list)
-    for m in rows:
-        groups[(m.protocol_id, m.metric, m.layer, m.k, m.method)].append(m.value)
-    lines = ["| protocol | metric | layer | k | method | mean | std | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for (protocol, metric, layer, k, method), values in sorted(groups.items(),
-                                                               key=lambda kv: (*kv[0][:3], kv[0][3] or 0, kv[0][4])):
-        mean, std = _mean_std(values)
-        lines.append(f"| {protocol} | {metric} | {layer} | {'' if k is None else k} | {method} | {mean:.2f} | {std:.2f} "
-                     f"| {len(values)} |")
-    return lines
-
-
-PIPELINE_PLOTS = {
-    "replicate-voc": "`plots/lowshot.png` (low-shot mAP vs k, with the MMSelfSup reference curves), `plots/layers.png` "
-                     "(SVM mAP per stage)",
-    "replicate-dense": "`plots/dense.png` (each task and mode: mean ± std over seeds per method)",
-}
-
-
-def markdown(batch: str, judged: list[Verdict], rows: list[Measurement], records, pipeline: str = "replicate-voc") -> str:
-    counts = defaultdict(int)
-    for v in judged:
-        counts[v.status] += 1
-    scale = ", ".join(sorted({m.scale for m in rows})) or "none"
-    measured = {m.protocol_id for m in rows}
-    lines = [
-        f"# {pipeline}: verdicts for batch {batch}",
-        "",
-        f"Scale: **{scale}**. Runs: {len(records)} stored protocol runs. Claims: {len(judged)} "
-        f"(`replication/claims.csv`).",
-        "",
-        "How to read this: small-scale runs (synthetic data, resnet18) cannot be compared with the paper's "
-        "absolute numbers, so they are judged only on *directional* claims (for example, DenseCL below MoCo-v2 "
-        f"on the VOC07 SVM), from the per-seed paired difference over at least {MIN_SEEDS} seeds: `reproduced` when "
-        "the whole 95% confidence interval lies on the claimed side, `not reproduced` otherwise (inconclusive "
-        "when it straddles zero). Paper-scale runs (real data and real checkpoints) are judged against the "
-        "absolute numbers within each claim's tolerance.",
-        "",
-        "| status | claims |", "|---|---|",
-        *[f"| {status} | {counts[status]} |" for status in STATUSES if counts[status]],
-        "",
-        "## Measured (x100)",
-        "",
-        *_summary_table(rows),
-        "",
-        "## Claims this batch could judge",
-        "",
-        "| claim | status | why |", "|---|---|---|",
-        *[f"| `{v.claim.claim_id}` | **{v.status}** | {v.reason} |" for v in judged
-          if v.status in ("reproduced", "not reproduced")],
-        "",
-        "## Claims about the protocols this batch ran that it could not judge",
-        "",
-        "| claim | status | why |", "|---|---|---|",
-        *[f"| `{v.claim.claim_id}` | {v.status} | {v.reason} |" for v in judged
-          if v.status not in ("reproduced", "not reproduced") and v.claim.protocol_id in measured],
-        "",
-        "Every other claim is listed in `verdicts.csv` with its status and reason.",
-        "",
-        f"Plots: {PIPELINE_PLOTS.get(pipeline, '')}, `plots/verdicts.png` (directional differences with 95% "
-        "intervals, or measured vs reported at paper scale), `plots/pretrain_loss.png`.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def plot_dense(rows: list[Measurement]):
@@ -464,49 +400,100 @@ def plot_dense(rows: list[Measurement]):
         ax.set(title=task, ylabel=headline[task])
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    if not tasks:
-        axes[0][0].text(0.5, 0.5, "no dense runs in this batch", ha="center", va="center")
-        axes[0][0].set_axis_off()
     fig.tight_layout()
     return fig
 
 
-def build_report(store, pipeline: str, batch: str, claims: list[Claim] | None = None):
-    """(ProtocolResult of the report, plots, files) for the runs of `batch`."""
-    claims = claims if claims is not None else load_claims()
-    records = [r for r in store.load_runs(pipeline) if r.config.get("replication", {}).get("batch") == batch]
-    if not records:
-        raise ValueError(f"no stored runs of {pipeline} batch {batch} in {store.root}")
-    rows = measurements(records)
-    judged = verdicts(claims, rows)
+def plot_losses(records):
+    """Pretraining loss per iteration, read from each checkpoint's log.jsonl (once per method and seed)."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    seen = set()
+    for record in records:
+        pretraining = record.pretraining
+        log = Path(str(pretraining.get("log") or ""))
+        key = (pretraining.get("method"), pretraining.get("seed"))
+        if key in seen or not log.is_file():
+            continue
+        seen.add(key)
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        style = "-" if pretraining.get("method") == "densecl" else "--"
+        ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], style,
+                label=f"{paper_name(str(key[0]))} seed {key[1]}")
+    if seen:
+        ax.set(xlabel="iteration", ylabel="training loss", title="pretraining loss")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def _claims_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_report(selection: Selection, claims: list[Claim] | None = None, claims_path: Path = DEFAULT_PATH):
+    """(ProtocolResult of the report, plots, files) for the selected runs."""
+    claims = claims if claims is not None else load_claims(claims_path)
+    rows, unmatched = measurements(selection.records)
+    judged = judge_all(claims, rows)
     counts = defaultdict(int)
     for v in judged:
         counts[v.status] += 1
     result = ProtocolResult(
-        protocol="report", metrics={f"claims/{status}": float(counts[status]) for status in STATUSES},
-        config={"batch": batch, "pipeline": pipeline, "runs": [r.run_id for r in records], "min_seeds": MIN_SEEDS},
-        dataset={name: value for name, value in records[0].dataset.items() if name != "splits"},
-        details={"verdicts": [v.row() for v in judged if v.status in ("reproduced", "not reproduced")]},
+        protocol=REPORT_PROTOCOL, metrics={f"claims/{status}": float(counts[status]) for status in STATUSES},
+        config={"selection": selection.label, "key": {**selection.key, "claims_sha256": _claims_digest(claims_path)},
+                "runs": [r.run_id for r in selection.records], "batch": selection.key.get("batch")},
+        dataset={}, details={"verdicts": [v.row() for v in judged if v.status in (*RESOLVED, "inconclusive")],
+                             "unmatched": unmatched},
     )
-    plots = {"verdicts": plot_verdicts(judged), "pretrain_loss": plot_losses(records)}
-    if pipeline == "replicate-dense":
+    plots = {"verdicts": plot_verdicts(judged)}
+    protocols = {m.protocol_id for m in rows}
+    if "voc07_lowshot" in protocols:
+        plots["lowshot"] = plot_lowshot(rows, claims)
+    if "voc07_svm" in protocols:
+        plots["layers"] = plot_layers(rows)
+    if protocols & {"det_voc_c4", "det_coco_mask_fpn", "seg_voc_fcn", "seg_cityscapes_fcn", "det_voc_c4_frozen",
+                    "seg_voc_fcn_frozen"}:
         plots["dense"] = plot_dense(rows)
-    else:
-        plots.update(lowshot=plot_lowshot(rows, claims), layers=plot_layers(rows))
-    files = {"report.md": markdown(batch, judged, rows, records, pipeline), "verdicts.csv": verdict_csv(judged)}
+    losses = plot_losses(selection.records)
+    if losses is not None:
+        plots["pretrain_loss"] = losses
+    files = {"report.md": markdown(selection, judged, rows, unmatched), "verdicts.csv": verdict_csv(judged)}
     return result, plots, files
 
 
-def write_report(store, pipeline: str, batch: str) -> Path:
+def _existing_report(store, selection: Selection, key: dict[str, Any], files: dict[str, str]) -> Path | None:
+    """A stored report of the same runs and claims whose tables are identical: re-running adds no clutter."""
+    for record in reversed(store.load_runs(selection.pipeline, REPORT_PROTOCOL)):
+        if record.config.get("key") == key and all(
+                (record.path / name).is_file() and (record.path / name).read_text() == text for name, text in files.items()):
+            return record.path / "report.md"
+    return None
+
+
+def write_report(store, selection: Selection, claims_path: Path = DEFAULT_PATH) -> Path:
     """Store the report as its own run (`<pipeline>/<run-id>/report.md`, verdicts.csv, plots); returns report.md."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    result, plots, files = build_report(store, pipeline, batch)
+    result, plots, files = build_report(selection, claims_path=claims_path)
     try:
-        record = store.write_run(pipeline, result, plots=plots, extra_files=files)
+        existing = _existing_report(store, selection, result.config["key"], files)
+        if existing is not None:
+            LOG.info("the same report of the same runs is stored already: %s", existing)
+            return existing
+        record = store.write_run(selection.pipeline, result, plots=plots, extra_files=files)
     finally:
         for fig in plots.values():
             plt.close(fig)

@@ -21,33 +21,31 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import enum
 import fcntl
-import functools
 import io
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from baselines import infra
+from baselines.infra import atomic_file, fsync_dir
 from protocols.result import ProtocolResult
 
 SCHEMA = "densecl-bench/result"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `pretraining` and `scale` at the top level
+READABLE_VERSIONS = (1, 2)
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.csv"
 PLOTS_DIR = "plots"
@@ -55,7 +53,7 @@ INDEX_FILE = "index.csv"
 INDEX_LOCK = ".index.lock"
 PARTIAL_SUFFIX = ".partial"
 SHORT_SHA = 12
-UNKNOWN = "unknown"
+UNKNOWN = infra.UNKNOWN
 
 INDEX_COLUMNS = (
     "run_id", "pipeline", "protocol", "created", "git_commit", "dirty", "seed",
@@ -69,15 +67,6 @@ FRAME_COLUMNS = (
 # their own (`ResultsStore("results/reference")`), and `_scratch` is git-ignored working space.
 NOT_PIPELINES = frozenset({"reference"})
 SOURCE_DIR = Path(__file__).resolve().parent
-PACKAGES = {  # reported name -> distribution names to try, in order
-    "torch": ("torch",),
-    "torchvision": ("torchvision",),
-    "timm": ("timm",),
-    "numpy": ("numpy",),
-    "sklearn": ("scikit-learn",),
-    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
-    "pandas": ("pandas",),
-}
 RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(ProtocolResult))
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_ID_ATTEMPTS = 100
@@ -117,6 +106,39 @@ class RunRecord:
     @property
     def created(self) -> str:
         return self.result["created"]
+
+    @property
+    def pretraining(self) -> dict[str, Any]:
+        """Method, pretraining data, epochs, arch and seed of the weights the run evaluated.
+
+        Schema 1 runs kept them in `config.replication` (only pipeline runs had them).
+        """
+        if self.result.get("pretraining"):
+            return dict(self.result["pretraining"])
+        legacy = self.config.get("replication", {})
+        if not legacy:
+            return {}
+        return {"method": legacy.get("method"), "pretrain_data": legacy.get("pretrain_data"),
+                "epochs": legacy.get("pretrain_epochs"), "arch": legacy.get("arch"), "seed": legacy.get("seed"),
+                "log": legacy.get("pretrain", {}).get("log")}
+
+    @property
+    def scale(self) -> str:
+        return self.result.get("scale") or self.config.get("replication", {}).get("scale") or ""
+
+    @property
+    def batch(self) -> str | None:
+        """The pipeline batch the run belongs to, if any."""
+        return self.config.get("replication", {}).get("batch")
+
+    def as_result(self) -> ProtocolResult:
+        """The stored run as the ProtocolResult its protocol's `measurements` reads (legacy names mapped)."""
+        from protocols.registry import LEGACY_NAMES
+
+        return ProtocolResult(protocol=LEGACY_NAMES.get(self.protocol, self.protocol), metrics=dict(self.metrics),
+                              config=self.config, dataset=self.dataset, checkpoint=self.checkpoint,
+                              timings=self.timings, details=self.details, pretraining=self.pretraining,
+                              scale=self.scale)
 
     @property
     def seed(self) -> int | None:
@@ -179,118 +201,12 @@ class RunScan:
 # Provenance: git, packages, device
 
 
-def git_state(directory: str | os.PathLike = SOURCE_DIR) -> dict[str, Any]:
-    """Commit and dirty flag of the repository holding `directory`; "unknown" outside git.
-
-    Untracked files do not make the tree dirty (results and runs folders would always do so), and neither
-    do changes under the repository's `results/`: the store itself updates the tracked `results/index.csv`.
-    """
-    commit = _git(directory, "rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": UNKNOWN, "dirty": UNKNOWN}
-    status = _git(directory, "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results")
-    return {"commit": commit, "dirty": UNKNOWN if status is None else bool(status)}
-
-
-def _git(directory: str | os.PathLike, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-@functools.cache
-def package_versions() -> dict[str, str | None]:
-    """Installed versions (None when absent), read from package metadata so nothing is imported."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name, distributions in PACKAGES.items():
-        versions[name] = next(filter(None, (_distribution_version(d) for d in distributions)), None)
-    return versions
-
-
-def _distribution_version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-@functools.cache
-def device_info() -> dict[str, Any]:
-    """CPU model, core count and CUDA devices, so timings and numerics can be put in context."""
-    return {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "cuda": _cuda_devices(),
-    }
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or UNKNOWN
-
-
-def _cuda_devices() -> list[str]:
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON conversion
-
-
 def to_jsonable(value: Any, where: str = "result") -> Any:
-    """Plain JSON types from numpy scalars/arrays, tensors, Paths, tuples, sets, dataclasses, enums.
-
-    Non-finite floats become null (strict JSON has no NaN). Anything else raises `ResultsError`
-    naming where in the result it sits, rather than storing an unreadable `repr`.
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {_json_key(k, where): to_jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (set, frozenset)):
-        return sorted((to_jsonable(v, f"{where}[]") for v in value), key=repr)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, enum.Enum):
-        return to_jsonable(value.value, where)
-    if isinstance(value, (datetime.datetime, datetime.date)):
-        return value.isoformat()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value), where)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return to_jsonable(value.tolist(), where)
-    if hasattr(value, "item"):
-        return to_jsonable(value.item(), where)
-    raise ResultsError(f"{where}: cannot store a {type(value).__qualname__} in {RESULT_FILE}; "
-                       "convert it to numbers, strings, lists or dicts first")
-
-
-def _json_key(key: Any, where: str) -> str:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, (int, float, bool)) or key is None or hasattr(key, "item"):
-        return str(to_jsonable(key, where))
-    if isinstance(key, os.PathLike):
-        return os.fspath(key)
-    raise ResultsError(f"{where}: cannot store a {type(key).__qualname__} as a key in {RESULT_FILE}")
+    """`infra.to_jsonable`, failing as a one-line `ResultsError` that names where in the result the value sits."""
+    try:
+        return infra.to_jsonable(value, where)
+    except infra.NotJSONable as exc:
+        raise ResultsError(str(exc).replace("as JSON", f"in {RESULT_FILE}")) from None
 
 
 def _metric_value(name: str, value: Any) -> float | None:
@@ -320,8 +236,8 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ResultsError(f"{file}: not a {SCHEMA} file")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise UnknownSchemaError(f"{file}: unknown schema_version {version!r} (this code reads {SCHEMA_VERSION}); "
+    if version not in READABLE_VERSIONS:
+        raise UnknownSchemaError(f"{file}: unknown schema_version {version!r} (this code reads {READABLE_VERSIONS}); "
                                  "upgrade densecl-bench to read it")
     missing = [key for key in ("run_id", "pipeline", "protocol", "created", "metrics") if key not in data]
     if missing:
@@ -400,7 +316,7 @@ class ResultsStore:
         try:
             _write_run_folder(partial, payload, plots or {}, plot_files, extras)
             os.rename(partial, final)
-            _fsync_dir(pipeline_dir)
+            fsync_dir(pipeline_dir)
         except Exception as exc:
             reason = " ".join(str(exc).split())
             raise ResultsError(f"run {run_id} was not stored ({type(exc).__name__}: {reason}); "
@@ -426,15 +342,17 @@ class ResultsStore:
             "created": created.isoformat(timespec="microseconds"),
             "command": list(sys.argv if command is None else command),
             "seed": to_jsonable(seed, "seed"),
-            "git": git_state(self.source_dir),
-            "packages": package_versions(),
-            "device": device_info(),
+            "git": infra.git_state(self.source_dir),
+            "packages": infra.package_versions(),
+            "device": infra.device_info(),
             "metrics": {str(name): _metric_value(str(name), v) for name, v in fields["metrics"].items()},
             "config": to_jsonable(config, "config"),
             "dataset": to_jsonable(fields["dataset"], "dataset"),
             "checkpoint": to_jsonable(fields["checkpoint"], "checkpoint"),
             "timings": to_jsonable(fields["timings"], "timings"),
             "details": to_jsonable(fields["details"], "details"),
+            "pretraining": to_jsonable(fields.get("pretraining") or {}, "pretraining"),
+            "scale": fields.get("scale") or "",
             "files": {
                 "metrics": METRICS_FILE,
                 "plots": sorted(plot_files.values()),
@@ -502,15 +420,11 @@ class ResultsStore:
             raise ResultsError(f"results folder {self.root} was opened read-only")
         records = self.scan_runs().records
         with self._index_lock():
-            tmp = self.index_path.with_name(f".{INDEX_FILE}.{secrets.token_hex(4)}.tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_file(self.index_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
                 writer.writeheader()
                 writer.writerows(index_row(r, self.root) for r in records)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.index_path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return self.index_path
 
     def read_index(self) -> pd.DataFrame:
@@ -622,7 +536,7 @@ def _result_fields(result: ProtocolResult | Mapping[str, Any]) -> dict[str, Any]
     metrics = fields.get("metrics")
     if not isinstance(metrics, Mapping):
         raise ResultsError(f"result.metrics must be a dict of name -> number, got {type(metrics).__qualname__}")
-    for name in ("config", "dataset", "checkpoint", "timings", "details"):
+    for name in ("config", "dataset", "checkpoint", "timings", "details", "pretraining"):
         fields[name] = fields.get(name) or {}
     return fields
 
@@ -751,7 +665,7 @@ def _write_run_folder(folder: Path, payload: dict[str, Any], plots: Mapping[str,
             _write_bytes(target, content.encode() if isinstance(content, str) else content)
     text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
     _write_bytes(folder / RESULT_FILE, text.encode())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _save_plot(plot: Any, target: Path) -> None:
@@ -774,16 +688,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or new entry durable; harmless where directories cannot be fsynced."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _relative(path: Path, root: Path) -> str:

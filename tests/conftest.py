@@ -43,6 +43,21 @@ def pretrain_images(voc_root) -> Path:
     return voc_root / "JPEGImages"
 
 
+@pytest.fixture
+def bench_log(caplog):
+    """Records of the `densecl_bench` loggers (which the CLI keeps from propagating to the root logger)."""
+    import logging
+
+    logger = logging.getLogger("densecl_bench")
+    attach = not logger.propagate  # else the records reach caplog through the root logger already
+    if attach:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="densecl_bench")
+    yield caplog
+    if attach:
+        logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny forwards gain nothing from threads and crawl when the shared cores are busy (request per module)."""
@@ -60,6 +75,14 @@ def tiny_config(data: Path, out: Path, **overrides) -> PretrainConfig:
     )
     values.update(overrides)
     return PretrainConfig(**values)
+
+
+def subject_of(backbone: nn.Module, seed: int = 0):
+    """A backbone in memory as the subject a protocol runs on (random-init provenance, keyed by arch and seed)."""
+    from protocols.common import BackboneUnderTest
+
+    info = {"path": None, "sha256": None, "format": "random-init", "arch": backbone.name, "seed": seed}
+    return BackboneUnderTest(backbone, info, {"method": "random", "seed": seed, "arch": backbone.name})
 
 
 def with_random_statistics(backbone: nn.Module, seed: int) -> nn.Module:

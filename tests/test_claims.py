@@ -16,8 +16,10 @@ from replication.claims import ClaimsError, check_consistency, load_claims, miss
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "replication" / "claims.csv"
 SOURCE = REPO.parent / "shared" / "paper" / "reported_numbers.csv"
+ADDENDUM = REPO.parent / "shared" / "paper" / "reported_numbers_addendum.md"
 SOURCE_ROWS = 237
-NOT_FOUND_ROWS = 29
+NOT_FOUND_ROWS = 13  # 29 before the addendum filled 16 of them
+FILLED_BY_ADDENDUM = 16
 
 REQUIRED_DIRECTIONAL = (
     "dir.det_voc_c4.ap.densecl-vs-mocov2",
@@ -70,12 +72,21 @@ def test_default_path_is_the_shipped_file():
     assert [c.claim_id for c in load_claims()] == [c.claim_id for c in load_claims(SHIPPED)]
 
 
-def test_one_row_per_source_row_plus_directional_claims(shipped):
-    directional = [c for c in shipped if c.kind == "directional"]
-    assert len(shipped) - len(directional) == SOURCE_ROWS
-    assert len(shipped) == SOURCE_ROWS + len(directional)
-    assert {c.scale for c in shipped if c.kind != "directional"} == {"paper"}
-    assert {c.scale for c in directional} == {"any"}
+def addendum_rows(shipped) -> list[registry.Claim]:
+    """The single-number rows the addendum's multi-number cells split into (they follow the source rows)."""
+    parents = [c for c in shipped[:SOURCE_ROWS] if c.notes.startswith("Value from")]
+    children = {i for c in parents for i in c.derived_from}
+    return [c for c in shipped if c.claim_id in children]
+
+
+def test_one_row_per_source_row_plus_split_and_comparative_claims(shipped):
+    comparative = [c for c in shipped if c.kind in ("directional", "equivalence")]
+    split = addendum_rows(shipped)
+    assert shipped[SOURCE_ROWS:SOURCE_ROWS + len(split)] == split
+    assert len(shipped) == SOURCE_ROWS + len(split) + len(comparative)
+    assert {c.scale for c in shipped if c not in comparative} == {"paper"}
+    assert {c.scale for c in comparative} == {"any"}
+    assert all(c.value is not None and c.verification != "yes" for c in split)
 
 
 def test_ids_are_unique_and_readable(shipped):
@@ -96,9 +107,14 @@ def test_regenerating_gives_the_same_bytes():
 def test_values_equal_the_source_rows(shipped):
     with SOURCE.open(newline="", encoding="utf-8") as handle:
         source = list(csv.DictReader(handle))
-    transcribed = [c for c in shipped if c.kind != "directional"]
-    assert [c.value_text for c in transcribed] == [r["value"] for r in source]
+    transcribed = shipped[:SOURCE_ROWS]
     assert [c.source for c in transcribed] == [r["source"] for r in source]
+    for claim, row in zip(transcribed, source):
+        if claim.verification in ("yes", "no"):
+            assert claim.value_text == row["value"], claim.claim_id
+        else:  # an "NA" cell the addendum filled
+            assert row["value"] == "NA" and claim.notes.startswith("Value from"), claim.claim_id
+    assert sum(c.verification not in ("yes", "no") for c in transcribed) == FILLED_BY_ADDENDUM
 
 
 def test_every_value_is_written_in_its_source_cell(shipped):
@@ -113,6 +129,40 @@ def test_not_transcribed_rows_are_reported_missing(shipped):
     assert all(c.value is None and not c.verified and c.value_text == "NA" for c in absent)
     assert sum(c.notes.startswith("NOT FOUND") for c in absent) == NOT_FOUND_ROWS
     assert {c.claim_id for c in shipped if c.value_text == "NA"} == {c.claim_id for c in absent}
+
+
+def test_addendum_values_keep_their_grade_and_source(by_id):
+    assert by_id["cvpr_paper.det_voc_c4.ap.densecl.coco800"].value == 56.7
+    assert by_id["cvpr_paper.det_voc_c4.ap75.mocov2.in1k200"].value == 63.6
+    assert by_id["cvpr_paper.det_voc_c4.ap.random"].verification == "screenshot"
+    assert by_id["cvpr_paper.det_coco_mask_fpn.mask_ap.densecl.coco800"].value == 35.7
+    assert by_id["cvpr_paper.det_coco_mask_fpn.bbox_ap.densecl.in1k200"].verification == "secondary (uncertain)"
+    svm = by_id["cvpr_paper.voc07_svm.densecl.coco800"]
+    assert svm.value_text == "82.9 / 82.6" and svm.derived_from == (
+        "cvpr_paper.voc07_svm.map.densecl.coco800.f5", "cvpr_paper.voc07_svm.map.mocov2.coco800.f5")
+    assert by_id["cvpr_paper.voc07_svm.map.mocov2.coco800.f5"].method == "MoCo-v2"
+    assert by_id["cvpr_paper.pretrain_overhead.slowdown_pct.densecl-vs-mocov2.in1k200"].value == 0.6
+    assert by_id["cvpr_paper.ablation_schedule.densecl.coco800"].verification == "figure-read ±0.1"
+    assert "S in {1,3,5,7,9}" in by_id["cvpr_paper.ablation_grid.densecl.coco800"].protocol
+
+
+def test_voc07_svm_scopes(by_id):
+    """'DenseCL below MoCo-v2' holds for the ImageNet-200 pair only; across both pairs the claim is 'comparable'."""
+    below = by_id["dir.voc07_svm.map.densecl-vs-mocov2.f5"]
+    assert (below.pretrain_data, below.epochs) == ("in1k", 200)
+    comparable = by_id["eq.voc07_svm.map.densecl-vs-mocov2.f5"]
+    assert comparable.kind == "equivalence" and comparable.tolerance == 2.0 and not comparable.pretrain_data
+    assert {"cvpr_paper.voc07_svm.map.densecl.coco800.f5", "mmselfsup.voc07_svm.map.mocov2.in1k200.f5"} <= set(
+        comparable.derived_from)
+
+
+def test_an_equivalence_claim_without_a_positive_margin_is_an_error(tmp_path):
+    def zero_margin(rows):
+        index = next(i for i, r in enumerate(rows) if r[0] == "eq.voc07_svm.map.densecl-vs-mocov2.f5")
+        set_cell(rows, index, "tolerance", "0")
+
+    with pytest.raises(ClaimsError, match="column 'tolerance': an equivalence claim needs its margin > 0"):
+        load_claims(rewrite(tmp_path, zero_margin))
 
 
 def test_abstract_deltas_equal_the_readme_rows(by_id):
@@ -243,7 +293,23 @@ def test_claims_list_filters(run_claims):
     assert code == 0
     assert "mmselfsup.voc07_svm.map.densecl.in1k200.f5" in out and "openselfsup" not in out
     code, out, _ = run_claims("list", "--missing")
-    assert code == 0 and f"\n{30} of " in out
+    assert code == 0 and f"\n{NOT_FOUND_ROWS + 1} of " in out
+
+
+def test_claims_coverage_reaches_every_claim_of_an_implemented_protocol(run_claims, shipped):
+    """The table's last column is 0 for each protocol the registry implements; the last line is for scripts."""
+    from replication.coverage import coverage, metrics_by_protocol, unreachable_in_implemented
+
+    assert unreachable_in_implemented(shipped) == []
+    rows = {r["protocol_id"]: r for r in coverage(shipped)}
+    for protocol_id in metrics_by_protocol():
+        if protocol_id in rows:
+            assert rows[protocol_id]["no_code_path"] == 0, protocol_id
+    assert rows["knn_in1k"]["small_scale"] == 4 and rows["knn_in1k"]["paper_scale"] == 12
+    assert rows["semisup_in1k_1pct"]["no_code_path"] == rows["semisup_in1k_1pct"]["claims"]
+    code, out, _ = run_claims("coverage")
+    total = sum(int(r["no_code_path"]) for r in rows.values())
+    assert code == 0 and out.rstrip().splitlines()[-1] == f"unreachable claims: {total}"
 
 
 def test_claims_list_rejects_an_unknown_protocol(run_claims):

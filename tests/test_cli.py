@@ -24,7 +24,7 @@ def error_line(capsys) -> str:
         (["--queue-size", "30"], 2, "queue_size 30 is not divisible by batch_size 8"),
         (["--method", "simclr"], 2, "argument --method: invalid choice: 'simclr'"),
         (["--arch", "resnet5"], 1, "unknown architecture 'resnet5'"),
-        (["--epochs", "many"], 2, "argument --epochs: invalid int value: 'many'"),
+        (["--epochs", "many"], 2, "argument --epochs: expected int, got 'many'"),
         (["--lerning-rate", "0.1"], 2, "unrecognized arguments: --lerning-rate"),
     ],
 )

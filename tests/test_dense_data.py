@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from baselines.infra import cache_root
 from protocols.datasets import dense, synthetic
 from protocols.datasets.dense import DenseDataError
-from protocols.datasets.voc import parse_annotation, read_image_set
+from protocols.datasets.voc import VOC_CLASSES, parse_annotation, read_image_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_coco_rle_decodes_to_the_instance_masks(data):
         for k, (obj, ann) in enumerate(zip(objects, by_image[image["id"]], strict=True), start=1):
             mask = rle_decode(ann["segmentation"])
             assert np.array_equal(mask, instance == k) and ann["area"] == mask.sum() and ann["iscrowd"] == 0
-            assert category[ann["category_id"]] == dense.SYNTHETIC_COCO_CATEGORIES[synthetic.VOC_CLASSES.index(obj.name)][1]
+            assert category[ann["category_id"]] == dense.SYNTHETIC_COCO_CATEGORIES[VOC_CLASSES.index(obj.name)][1]
             x, y, w, h = ann["bbox"]
             xmin, ymin, xmax, ymax = obj.bbox
             assert (x, y, w, h) == (xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1)
@@ -229,7 +230,7 @@ def test_synthetic_copies_are_cached_and_tied_to_their_source(data, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DENSECL_BENCH_CACHE", str(data["coco"].parents[1]))
         for make, out in ((dense.synthetic_coco, data["coco"]), (dense.synthetic_cityscapes, data["cityscapes"])):
-            assert out == synthetic.cache_root() / "synthetic" / f"{voc.name}-{out.name.rsplit('-', 1)[1]}"
+            assert out == cache_root() / "synthetic" / f"{voc.name}-{out.name.rsplit('-', 1)[1]}"
             stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
             assert make(voc) == out
             assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps

@@ -1,4 +1,4 @@
-"""`densecl-bench eval voc-svm / voc-lowshot` end to end on checkpoints in several layouts."""
+"""`densecl-bench eval <protocol>` end to end on checkpoints in several layouts."""
 
 import json
 
@@ -53,8 +53,8 @@ def run_eval(argv, capsys):
 
 
 def stored(captured) -> dict:
-    """The result.json whose path the command printed last."""
-    path = captured.out.strip().splitlines()[-1].removeprefix("result: ")
+    """The result.json whose path the command printed."""
+    [path] = [line.removeprefix("result: ") for line in captured.out.splitlines() if line.startswith("result: ")]
     return json.loads(open(path).read())
 
 
@@ -66,7 +66,7 @@ def test_voc_svm_gives_the_same_map_for_every_layout_of_the_same_weights(svm_voc
                              "--costs", "1,0.01", "--layers", "feature4,feature5", "--workers", "0", "--svm-workers", "1",
                              "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")],
                             capsys)
-        assert "VOC07 SVM mAP" in captured.out and "<- best" in captured.out
+        assert "feature5/mAP" in captured.out and "best/mAP" in captured.out
         results[name] = stored(captured)
     maps = {name: r["metrics"]["feature5/mAP"] for name, r in results.items()}
     assert len(set(maps.values())) == 1, maps
@@ -98,7 +98,7 @@ def test_voc_lowshot_on_a_pretrained_checkpoint(svm_voc, pretrain_images, tmp_pa
     for k in (1, 2):
         stats = [result["metrics"][f"feature5/k={k}/{s}"] for s in ("min", "mean", "max")]
         assert stats == sorted(stats)
-    assert "cost chosen on test" in captured.out
+    assert "test set" in result["details"]["low_shot"]["feature5"]["cost_selection"]
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_voc_lowshot_on_a_pretrained_checkpoint(svm_voc, pretrain_images, tmp_pa
     [
         (["--checkpoint", "/nonexistent.pth"], "not found"),
         (["--checkpoint", "random", "--layers", "res5"], "unknown layer"),
-        (["--checkpoint", "random", "--costs", "1,a"], "comma-separated numbers"),
+        (["--checkpoint", "random", "--costs", "1,a"], "comma-separated float values"),
         (["--checkpoint", "random", "--arch", "resnet18", "--data", "/nonexistent/VOC2007"], "does not exist"),
     ],
 )
@@ -133,14 +133,18 @@ def test_knn_and_linear_commands_run_on_a_random_init_baseline(voc_root, tmp_pat
     captured = run_eval(["eval", "knn", *common, "--ks", "1,5", "--results", str(tmp_path / "results")], capsys)
     assert "top1@k=5" in captured.out
     knn = stored(captured)
-    assert knn["checkpoint"]["format"] == "random-init" and knn["protocol"] == "knn"
+    assert knn["checkpoint"]["format"] == "random-init" and knn["protocol"] == "knn_in1k"
+    assert knn["pretraining"]["method"] == "random" and knn["scale"] == "small"
     assert 0 <= knn["metrics"]["top1@k=1"] <= knn["metrics"]["top5@k=1"] <= 100
 
-    captured = run_eval(["eval", "linear", *common, "--epochs", "1", "--image-size", "32", "--linear-batch-size", "8",
-                         "--layers", "feature5", "--results", str(tmp_path / "results")], capsys)
+    captured = run_eval(["eval", "linear_in1k_mhead", *common[:-2], "--probe-epochs", "1", "--image-size", "32",
+                         "--batch-size", "8", "--layers", "feature5", "--work-dir", str(tmp_path / "state"),
+                         "--results", str(tmp_path / "results")], capsys)
     linear = stored(captured)
     assert linear["schema"] == "densecl-bench/result" and linear["pipeline"] == "eval"
-    assert linear["config"]["epochs"] == 1 and "feature5/top1" in linear["metrics"]
+    assert linear["protocol"] == "linear_in1k_mhead" and linear["config"]["variant"] == "mhead"
+    assert linear["config"]["probe_epochs"] == 1 and "feature5/top1" in linear["metrics"]
+    assert (tmp_path / "state" / "linear_state.pt").is_file()
 
 
 def test_dense_commands_name_the_install_when_the_mm_stack_is_missing(tmp_path, capsys):
@@ -152,7 +156,7 @@ def test_dense_commands_name_the_install_when_the_mm_stack_is_missing(tmp_path, 
         require_mm_stack("densecl_bench_no_such_package")
     if importlib.util.find_spec("mmdet") is not None:
         pytest.skip("the OpenMMLab stack is installed here; the CLI path is covered without it (tox -e py)")
-    code = main(["eval", "detection", "--checkpoint", "random", "--arch", "resnet18", "--results", str(tmp_path),
+    code = main(["eval", "det_voc_c4", "--checkpoint", "random", "--arch", "resnet18", "--results", str(tmp_path),
                  "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "install_mm_stack.py" in err[0] and "pip install -e '.[dense]'" in err[0]

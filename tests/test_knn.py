@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import subject_of
 
 from baselines.backbone import create_backbone
 from protocols import knn
@@ -137,10 +138,10 @@ def test_bad_inputs_raise_one_line_errors(change, message):
 
 
 def test_run_end_to_end_on_synthetic_voc(voc_root, tmp_path):
-    backbone = create_backbone("resnet18")
-    cfg = KNNConfig(ks=(1, 5, 10), batch_size=16, cache_dir=str(tmp_path / "features"), progress=False)
-    result = knn.run(backbone, cfg, voc_root)
-    assert result.protocol == "knn"
+    subject = subject_of(create_backbone("resnet18"))
+    cfg = KNNConfig(ks=(1, 5, 10), batch_size=16, workers=0, device="cpu", cache_dir=str(tmp_path / "features"))
+    result = knn.run(subject, voc_root, cfg, progress=False)
+    assert result.protocol == "knn_in1k"
     assert set(result.metrics) == {f"top{t}@k={k}" for t in (1, 5) for k in (1, 5, 10)}
     assert all(0.0 <= v <= 100.0 for v in result.metrics.values())
     assert result.config["train_split"] == "trainval" and result.config["test_split"] == "test"
@@ -148,6 +149,9 @@ def test_run_end_to_end_on_synthetic_voc(voc_root, tmp_path):
     assert result.details["feature_dim"] == 512
     assert result.checkpoint["format"] == "random-init"
     # The second run reads the cached features and gives the same numbers.
-    again = knn.run(backbone, cfg, voc_root)
+    again = knn.run(subject, voc_root, cfg, progress=False)
     assert again.metrics == result.metrics
     assert again.timings["features_train"] < result.timings["features_train"]
+    readings = knn.measurements(result)
+    assert {(r.protocol_id, r.metric, r.layer, r.k) for r in readings} == {
+        ("knn_in1k", f"top{t}", "feature5", k) for t in (1, 5) for k in (1, 5, 10)}

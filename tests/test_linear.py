@@ -8,13 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import subject_of
 from torch import nn
 
 from baselines.backbone import create_backbone
+from baselines.infra import Interrupted
 from protocols import linear
 from protocols.linear import Lighting, LinearConfig, build_heads, head_dims, lr_at, resolve_config, scale_milestones
 
-SMALL = {"image_size": 64, "epochs": 4, "batch_size": 8, "lr": 0.003, "workers": 0, "progress": False}
+SMALL = {"image_size": 64, "probe_epochs": 4, "batch_size": 8, "lr": 0.003, "workers": 0, "device": "cpu"}
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,7 +39,7 @@ def resnet18():
 def small_run(resnet18, voc_root):
     """One short mhead run; the test split is the training split, so accuracy shows learning."""
     before = snapshot(resnet18)
-    result = linear.run(resnet18, LinearConfig(**SMALL, test_split="trainval"), voc_root)
+    result = linear.run(subject_of(resnet18), voc_root, LinearConfig(**SMALL, test_split="trainval"), progress=False)
     return result, before
 
 
@@ -69,16 +71,22 @@ def test_milestones_scale_with_epochs():
 
 def test_resolved_config_records_the_recipe(voc_root):
     cfg, derivation = resolve_config(LinearConfig(), voc_root)
-    recipe = (cfg.epochs, cfg.milestones, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.nesterov)
+    recipe = (cfg.probe_epochs, cfg.milestones, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.nesterov)
     assert recipe == (90, (30, 60), 0.01, 256, 1e-4, True)
     assert (cfg.train_split, cfg.test_split) == ("trainval", "test")
     assert len(cfg.layers) == 5
-    cfg, derivation = resolve_config(LinearConfig(variant="avgpool", epochs=10, batch_size=64, scale_lr=True), voc_root)
+    cfg, derivation = resolve_config(LinearConfig(variant="avgpool", probe_epochs=10, batch_size=64, scale_lr=True),
+                                     voc_root)
     recipe = (cfg.milestones, cfg.lr, cfg.weight_decay, cfg.nesterov, cfg.layers)
     assert recipe == ((6, 8), 7.5, 0.0, False, ("feature5",))
     assert derivation["base_lr"] == 30.0 and derivation["lr_scaled_by"] == 0.25
     with pytest.raises(ValueError, match="variant"):
         resolve_config(LinearConfig(variant="svm"), voc_root)
+    # §2.2 Places205: the mhead model, 28 epochs with steps 7/14/21, no colour augmentation.
+    cfg, _ = resolve_config(LinearConfig(variant="places205"), voc_root)
+    assert (cfg.probe_epochs, cfg.milestones, cfg.lr, cfg.nesterov, len(cfg.layers)) == (28, (7, 14, 21), 0.01, True, 5)
+    augment = repr(linear.train_transform("places205"))
+    assert "RandomCrop(size=(224, 224)" in augment and "ColorJitter" not in augment and "Lighting" not in augment
 
 
 def test_lighting_adds_one_colour_shift_per_image():
@@ -126,27 +134,29 @@ def test_interrupted_run_resumes_exactly_with_any_workers(small_run, resnet18, v
         return losses
 
     monkeypatch.setattr(linear, "train_step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt, match="epoch 1 iteration 2"):
-        linear.run(resnet18, cfg, voc_root, out=tmp_path)
+    with pytest.raises(Interrupted, match="epoch 1 iteration 2"):
+        linear.run(subject_of(resnet18), voc_root, cfg, work_dir=tmp_path, progress=False)
     monkeypatch.setattr(linear, "train_step", step)
     # Same seed, another process layout (a loader worker) and a mid-epoch restart: the same numbers.
-    resumed = linear.run(resnet18, replace(cfg, workers=1), voc_root, out=tmp_path)
+    resumed = linear.run(subject_of(resnet18), voc_root, replace(cfg, workers=1), work_dir=tmp_path, progress=False)
     assert resumed.details["resumed_from"] == {"epoch": 1, "iteration": 2}
     assert resumed.metrics == result.metrics
     assert resumed.details["history"] == result.details["history"]
     # A finished state only re-evaluates; another config refuses to resume from it.
-    assert linear.run(resnet18, cfg, voc_root, out=tmp_path).metrics == result.metrics
+    assert linear.run(subject_of(resnet18), voc_root, cfg, work_dir=tmp_path, progress=False).metrics == result.metrics
     with pytest.raises(ValueError, match="another lr"):
-        linear.run(resnet18, LinearConfig(**{**SMALL, "lr": 0.1}, test_split="trainval"), voc_root, out=tmp_path)
+        linear.run(subject_of(resnet18), voc_root, LinearConfig(**{**SMALL, "lr": 0.1}, test_split="trainval"),
+                   work_dir=tmp_path, progress=False)
 
 
 def test_avgpool_variant_is_deterministic(resnet18, voc_root):
-    cfg = LinearConfig(variant="avgpool", image_size=32, epochs=2, batch_size=16, workers=0, progress=False)
-    result = linear.run(resnet18, cfg, voc_root)
+    cfg = LinearConfig(variant="avgpool", image_size=32, probe_epochs=2, batch_size=16, workers=0, device="cpu")
+    result = linear.run(subject_of(resnet18), voc_root, cfg, progress=False)
+    assert result.protocol == "linear_in1k"
     assert set(result.metrics) == {"feature5/top1", "feature5/top5", "best/top1"}
     assert result.details["head_dims"] == {"feature5": 512}
     assert result.config["lr"] == 30.0 and result.config["milestones"] == (1,)
-    again = linear.run(resnet18, cfg, voc_root)
+    again = linear.run(subject_of(resnet18), voc_root, cfg, progress=False)
     assert again.metrics == result.metrics and again.details["history"] == result.details["history"]
-    other_seed = linear.run(resnet18, replace(cfg, seed=1), voc_root)
+    other_seed = linear.run(subject_of(resnet18), voc_root, replace(cfg, seed=1), progress=False)
     assert other_seed.details["history"] != result.details["history"]

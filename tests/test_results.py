@@ -17,13 +17,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from baselines import infra  # noqa: E402
+from baselines.infra import git_state  # noqa: E402
 from protocols.result import ProtocolResult  # noqa: E402
 from replication import results  # noqa: E402
 from replication.results import (  # noqa: E402
     INDEX_COLUMNS,
     ResultsError,
     ResultsStore,
-    git_state,
     read_run,
     runs_frame,
     to_jsonable,
@@ -43,6 +44,8 @@ def make_result(protocol: str = "voc07_svm", value: float = 81.5, seed: int = 0)
         checkpoint={"path": "/ckpt/densecl.pth", "sha256": "cd" * 32, "format": "densecl-bench"},
         timings={"features": 1.25, "svm": np.float32(0.5)},
         details={"best_layer": "feature5"},
+        pretraining={"method": "densecl", "pretrain_data": "in1k", "epochs": 200, "arch": "resnet50", "seed": None},
+        scale="paper",
     )
 
 
@@ -75,7 +78,10 @@ def test_round_trip_keeps_every_field(store, figure, tmp_path):
     [loaded] = store.load_runs()
     assert loaded.result == written.result
     data = json.loads((loaded.path / "result.json").read_text())
-    assert data["schema"] == "densecl-bench/result" and data["schema_version"] == 1
+    assert data["schema"] == "densecl-bench/result" and data["schema_version"] == 2
+    assert data["pretraining"] == {"method": "densecl", "pretrain_data": "in1k", "epochs": 200, "arch": "resnet50",
+                                   "seed": None}
+    assert data["scale"] == "paper" and loaded.scale == "paper" and loaded.pretraining["epochs"] == 200
     assert data["run_id"] == loaded.path.name and loaded.path.parent.name == "eval"
     assert data["protocol"] == "voc07_svm" and data["seed"] == 3
     assert data["metrics"] == {"feature5/mAP": 81.5, "best/mAP": 82.5, "n_layers": 2.0}
@@ -150,7 +156,7 @@ def _write_runs(root: str, worker: int, count: int) -> None:
 
 def test_concurrent_writers_keep_index_complete(store):
     workers, per_worker = 4, 5
-    results.device_info()  # warm the cache so forked children do not probe devices
+    infra.device_info()  # warm the cache so forked children do not probe devices
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_write_runs, args=(str(store.root), w, per_worker)) for w in range(workers)]
     for p in procs:
@@ -205,6 +211,26 @@ def test_unknown_schema_version_names_the_file(store):
     file.write_text(json.dumps(data))
     with pytest.raises(ResultsError, match=f"{file}: unknown schema_version 99"):
         store.load_runs()
+
+
+def test_schema_1_runs_read_their_pretraining_from_the_pipeline_config(store):
+    """Runs stored before schema 2 kept method, seed and scale under config.replication; they stay judgeable."""
+    record = store.write_run("replicate-voc", {**make_result().to_dict(), "pretraining": {}, "scale": "",
+                                               "config": {"replication": {"method": "mocov2", "seed": 2,
+                                                                          "scale": "small", "pretrain_epochs": 10,
+                                                                          "pretrain_data": "synthetic-voc",
+                                                                          "arch": "resnet18", "batch": "b1"}}})
+    file = record.path / "result.json"
+    data = json.loads(file.read_text())
+    data["schema_version"] = 1
+    for key in ("pretraining", "scale"):
+        data.pop(key)
+    file.write_text(json.dumps(data))
+    [old] = store.load_runs()
+    assert old.scale == "small" and old.batch == "b1"
+    assert old.pretraining == {"method": "mocov2", "pretrain_data": "synthetic-voc", "epochs": 10, "arch": "resnet18",
+                               "seed": 2, "log": None}
+    assert old.as_result().pretraining["method"] == "mocov2"
 
 
 def test_rebuild_index_reproduces_it(store, figure):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from protocols.datasets import synthetic
-from protocols.datasets.voc import VOCFormatError, classification_labels, parse_annotation, read_image_set
+from protocols.datasets.voc import VOC_CLASSES, VOCFormatError, classification_labels, parse_annotation, read_image_set
 
 
 def test_generator_is_deterministic_and_prefix_stable(tmp_path):
@@ -31,7 +31,7 @@ def test_layout_parses_with_the_voc_reader(voc_root):
         with Image.open(voc_root / "JPEGImages" / f"{image_id}.jpg") as img:
             assert img.size == (ann.width, ann.height) and img.mode == "RGB"
         for obj in ann.objects:
-            assert obj.name in synthetic.VOC_CLASSES
+            assert obj.name in VOC_CLASSES
             x0, y0, x1, y1 = obj.bbox
             assert 1 <= x0 <= x1 <= ann.width and 1 <= y0 <= y1 <= ann.height
         n_objects += len(ann.objects)
@@ -43,7 +43,7 @@ def test_class_lists_agree_with_the_annotations(voc_root):
     assert ids == sorted(ids) and labels.shape == (len(ids), 20) and labels.dtype == np.int32
     for row, image_id in enumerate(ids):
         objects = parse_annotation(voc_root, image_id).objects
-        for c, name in enumerate(synthetic.VOC_CLASSES):
+        for c, name in enumerate(VOC_CLASSES):
             flags = [o.difficult for o in objects if o.name == name]
             expected = 0 if not flags else (1 if not all(flags) else -1)
             assert labels[row, c] == expected
@@ -61,7 +61,7 @@ def test_scenes_have_several_objects_at_several_scales_with_occlusion_and_hard_c
     assert np.mean(per_image) >= 2.0 and max(per_image) >= 4
     assert min(areas) < 0.02 and max(areas) > 0.3  # small and large objects
     assert difficult > 0 and truncated > 0
-    assert len({c for c in synthetic.VOC_CLASSES}) == 20
+    assert len({c for c in VOC_CLASSES}) == 20
 
 
 def test_segmentation_masks_are_palette_pngs_with_void_borders(voc_root):
@@ -74,7 +74,7 @@ def test_segmentation_masks_are_palette_pngs_with_void_borders(voc_root):
             mask = np.asarray(png)
         assert 255 in mask and 0 in mask
     classes = set(np.unique(np.asarray(Image.open(voc_root / "SegmentationClass" / f"{image_id}.png")))) - {0, 255}
-    assert classes == {synthetic.VOC_CLASSES.index(o.name) + 1 for o in ann.objects}
+    assert classes == {VOC_CLASSES.index(o.name) + 1 for o in ann.objects}
 
 
 def test_bad_arguments_and_existing_output(tmp_path):

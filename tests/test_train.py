@@ -13,7 +13,8 @@ from conftest import REPO, tiny_config
 
 from baselines.backbone import create_backbone
 from baselines.config import ConfigError
-from baselines.train import NonFiniteLossError, PretrainConfig, TrainingInterrupted, cosine_lr, pretrain
+from baselines.infra import Interrupted
+from baselines.train import NonFiniteLossError, PretrainConfig, cosine_lr, pretrain
 
 
 def final_state(out):
@@ -71,7 +72,7 @@ def test_interrupt_mid_epoch_then_resume_is_bit_identical(reference_run, pretrai
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_first_log, daemon=True).start()
-    with pytest.raises(TrainingInterrupted, match="continue with --resume auto"):
+    with pytest.raises(Interrupted, match="continue with --resume auto"):
         pretrain(cfg)
     stopped = final_state(out)["position"]
     assert stopped["global_step"] < 12 and stopped["iteration"] > 0  # stopped inside an epoch

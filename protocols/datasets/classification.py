@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from baselines.data import IMAGE_EXTENSIONS, load_rgb
 from protocols.datasets import voc
-from protocols.datasets.synthetic import VOC_CLASSES
+from protocols.datasets.voc import VOC_CLASSES
 
 
 class DatasetLayoutError(ValueError):
@@ -151,3 +152,29 @@ def load_split(data: str | os.PathLike, split: str) -> ClassificationSplit:
         f"cannot find split {split!r} in {data}: expected {data}/{split}/<class>/*, "
         f"{data}/meta/{split}_labeled.txt, or a VOC root with ImageSets/Main"
     )
+
+
+def default_splits(data: str | os.PathLike) -> tuple[str, str]:
+    """(bank split, query split): ImageNet-style data has train/val, a VOC root trainval/test."""
+    if (Path(data) / "ImageSets" / "Main").is_dir():
+        return "trainval", "test"
+    return "train", "val"
+
+
+def dataset_info(data: str | os.PathLike, splits: Sequence[ClassificationSplit]) -> dict[str, Any]:
+    return {
+        "name": Path(data).name,
+        "root": str(Path(data).resolve()),
+        "layout": splits[0].layout,
+        "classes": len(splits[0].classes),
+        "splits": {s.name: len(s) for s in splits},
+        "fingerprint": {s.name: s.fingerprint() for s in splits},
+    }
+
+
+def check_same_classes(train: ClassificationSplit, test: ClassificationSplit) -> None:
+    if train.classes != test.classes:
+        raise ValueError(
+            f"splits {train.name!r} and {test.name!r} have different class lists "
+            f"({len(train.classes)} vs {len(test.classes)} classes): labels would not line up"
+        )

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from protocols.datasets import synthetic, voc
-from protocols.datasets.synthetic import VOC_CLASSES
+from baselines.infra import cache_root, link_or_copy
+from protocols.datasets import voc
+from protocols.datasets.voc import VOC_CLASSES
 
 VOC12AUG_TRAIN_IMAGES = 10582  # 1,464 VOC12 train + 9,118 SBD-only (spec §4.4)
 VOC12_VAL_IMAGES = 1449
@@ -260,7 +261,7 @@ def _build_cached(voc_root: Path, out: Path | None, suffix: str, write: Callable
     """`write(voc_root, tmp)` into a temporary folder renamed to `out`; an existing complete `out` is returned as is."""
     voc_root = Path(voc_root)
     source = _source_summary(voc_root)
-    out = Path(out) if out is not None else synthetic.cache_root() / "synthetic" / f"{voc_root.name}{suffix}"
+    out = Path(out) if out is not None else cache_root() / "synthetic" / f"{voc_root.name}{suffix}"
 
     def existing() -> Path | None:
         marker = out / _MARKER
@@ -294,13 +295,6 @@ def _build_cached(voc_root: Path, out: Path | None, suffix: str, write: Callable
     return out
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def rle_encode(mask: np.ndarray) -> dict:
     """COCO uncompressed RLE: run lengths over the column-major mask, starting with a (possibly empty) run of zeros."""
     flat = np.asarray(mask, dtype=bool).ravel(order="F")
@@ -321,7 +315,7 @@ def _coco_split(voc_root: Path, ids: list[str], images_dir: Path) -> dict:
         labelled = set(np.unique(instance).tolist()) - {0, 255}
         if labelled - set(range(1, len(annotation.objects) + 1)):
             raise DenseDataError(f"SegmentationObject/{image_id}.png of {voc_root} has instance ids {sorted(labelled)} but the XML has {len(annotation.objects)} objects: regenerate the synthetic set")
-        _link_or_copy(voc_root / "JPEGImages" / f"{image_id}.jpg", images_dir / f"{image_id}.jpg")
+        link_or_copy(voc_root / "JPEGImages" / f"{image_id}.jpg", images_dir / f"{image_id}.jpg")
         images.append({"id": int(image_id), "file_name": f"{image_id}.jpg", "height": annotation.height, "width": annotation.width})
         for k, obj in enumerate(annotation.objects, start=1):
             mask = instance == k

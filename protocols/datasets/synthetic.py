@@ -31,12 +31,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from baselines.infra import cache_root
+from protocols.datasets.voc import VOC_CLASSES
+
 GENERATOR_VERSION = 1
 
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "star", "cross", "ring", "hexagon", "crescent", "arrow")
 MIN_VISIBLE_PIXELS = 12
 
@@ -310,11 +309,6 @@ def generate(out: str | os.PathLike, images: int = 512, size: int = 96, seed: in
     return out
 
 
-def cache_root() -> Path:
-    """Where generated datasets live: $DENSECL_BENCH_CACHE, else ~/.cache/densecl-bench."""
-    return Path(os.environ.get("DENSECL_BENCH_CACHE") or Path.home() / ".cache" / "densecl-bench")
-
-
 def cached(images: int = 512, size: int = 96, seed: int = 0, progress: bool = True) -> Path:
     """The dataset for these parameters, generated on first use; safe with concurrent callers."""
     root = cache_root() / "synthetic" / f"voc-v{GENERATOR_VERSION}-n{images}-s{size}-seed{seed}"
@@ -335,3 +329,14 @@ def content_hash(root: str | os.PathLike) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def is_synthetic_root(root: str | os.PathLike) -> bool:
+    """True for a dataset our generator wrote (or a dense layout made from one): its `dataset.json` says so."""
+    marker = Path(root) / "dataset.json"
+    try:
+        summary = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and (str(summary.get("name", "")).startswith("synthetic")
+                                          or "source_dataset" in summary)

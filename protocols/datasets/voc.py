@@ -16,8 +16,11 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from protocols.datasets.synthetic import VOC_CLASSES
-
+# The 20 PASCAL VOC classes in the devkit's order; label columns use them sorted (spec §1.2).
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 _LABEL_MAP = {1: 1, -1: 0, 0: -1}
 
 

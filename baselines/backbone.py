@@ -65,6 +65,7 @@ def _create_trunk(name: str, **timm_kwargs) -> nn.Module:
             f"unknown architecture {name!r}: not a timm model (e.g. resnet18, resnet50; "
             "see timm.list_models())"
         )
+    expected = expected_reductions(timm_kwargs.get("output_stride", 32))
     kwargs = dict(features_only=True, out_indices=(0, 1, 2, 3, 4), pretrained=False)
     if name.startswith(("resnet", "resnext", "wide_resnet", "seresnet", "seresnext")):
         kwargs["zero_init_last"] = False  # the official code never zero-inits bn3 (spec §2.1)
@@ -74,12 +75,19 @@ def _create_trunk(name: str, **timm_kwargs) -> nn.Module:
     except (RuntimeError, IndexError, AssertionError) as err:
         raise ValueError(f"architecture {name!r} cannot give five feature maps: {err}") from err
     reductions = tuple(trunk.feature_info.reduction())
-    if reductions != _REDUCTIONS:
+    if reductions != expected:
         raise ValueError(
             f"architecture {name!r} has feature reductions {reductions}; the protocols need "
-            f"a CNN with the five reductions {_REDUCTIONS}"
+            f"a CNN with the five reductions {expected}"
         )
     return trunk
+
+
+def expected_reductions(output_stride: int) -> tuple[int, ...]:
+    """(2, 4, 8, 16, 32); with output_stride 16 the last stage is dilated instead of strided: (2, 4, 8, 16, 16)."""
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return tuple(min(r, output_stride) for r in _REDUCTIONS)
 
 
 def init_conv_weights(module: nn.Module, conv_init: str) -> None:

@@ -47,6 +47,7 @@ from baselines.infra import (
 from baselines.methods import METHODS
 
 CHECKPOINT_FORMAT = "densecl-bench/pretrain"
+PAPER_GRID = 7  # DenseCL's S: 7x7 res5 locations at 224 px (spec pretraining.md §2.3; CVPR Table 7)
 
 
 @dataclass
@@ -73,6 +74,11 @@ class PretrainConfig:
     lambda_warmup_iters: int = option(0, "DenseCL: lambda = 0 for the first N iterations (official hook, off)")
     bn_group_size: int = option(0, "ghost BN: BN statistics per group of G images, keys shuffled across groups (0: off; 32 emulates 8x32 GPUs)")
     conv_init: str = option("openselfsup", "backbone init: openselfsup (kaiming fan_in) or timm", choices=CONV_INITS)
+    output_stride: int = option(32, "32 (the official ResNet) or 16: the last stage dilated instead of strided, so "
+                                "small-scale runs get the paper's 7x7 dense grid at 112 px; the saved weights are "
+                                "the same tensors and evaluate as a standard ResNet", choices=(16, 32))
+    require_paper_grid: bool = option(False, "refuse a DenseCL run whose dense grid (image_size / output_stride) is "
+                                      "below the paper's 7x7 (spec pretraining.md §2.3)")
     workers: int = option(4, "data-loading worker processes per training process")
     seed: int = option(0, "seeds python, numpy, torch, and every sample's augmentation")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -104,6 +110,11 @@ class PretrainConfig:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
             problems.append(f"temperature must be positive, got {self.temperature}")
+        grid = self.image_size // self.output_stride
+        if self.require_paper_grid and self.method == "densecl" and grid < PAPER_GRID:
+            problems.append(f"the dense grid is {grid}x{grid} (image_size {self.image_size} / output_stride "
+                            f"{self.output_stride}), below the paper's {PAPER_GRID}x{PAPER_GRID}: use image_size >= "
+                            f"{PAPER_GRID * self.output_stride} or output_stride 16")
         if not 0.0 <= self.loss_lambda <= 1.0:
             problems.append(f"loss_lambda must lie in [0, 1], got {self.loss_lambda}")
         if not self.data:
@@ -115,7 +126,8 @@ class PretrainConfig:
 
 
 # Settings that may differ when a run is resumed; everything else must match the checkpoint.
-RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume", "skip_bad_images", "progress"}
+RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume",
+                  "skip_bad_images", "progress", "require_paper_grid"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,7 +141,13 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The method's pretraining model on a freshly initialised backbone (seed first for a reproducible init)."""
-    return METHODS[cfg.method].build(create_backbone(cfg.arch, conv_init=cfg.conv_init), cfg)
+    backbone = create_backbone(cfg.arch, conv_init=cfg.conv_init, **backbone_kwargs(cfg))
+    return METHODS[cfg.method].build(backbone, cfg)
+
+
+def backbone_kwargs(cfg: PretrainConfig) -> dict:
+    """timm arguments of the training backbone; the official ResNet takes none (DESIGN.md, Backbone)."""
+    return {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
 
 
 def rng_state() -> dict:
@@ -278,7 +296,8 @@ class Trainer:
         state = torch.load(path, map_location=self.dist.device, weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise configs.ConfigError(f"{path} is not a densecl-bench pretraining checkpoint")
-        saved = state["config"]
+        # A setting added after the checkpoint was written had its default then.
+        saved = {**configs.to_dict(PretrainConfig()), **state["config"]}
         changed = [
             f"{k}: {saved.get(k)!r} -> {v!r}"
             for k, v in configs.to_dict(cfg).items()
@@ -361,7 +380,8 @@ class Trainer:
                 "state_dict": self.model.backbone.state_dict(),
                 "author": "densecl-bench",
                 "meta": {"method": self.cfg.method, "arch": self.cfg.arch, "epochs": self.cfg.epochs,
-                         "pretrain_data": data_name(self.cfg.data), "seed": self.cfg.seed, **provenance()},
+                         "pretrain_data": data_name(self.cfg.data), "seed": self.cfg.seed,
+                         "output_stride": self.cfg.output_stride, **provenance()},
             }
             atomic_torch_save(state, path)
         self.dist.barrier()

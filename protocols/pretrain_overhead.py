@@ -48,6 +48,7 @@ class OverheadConfig:
     amp: str = option("none", "autocast dtype: none or bf16", choices=("none", "bf16"))
     channels_last: bool = option(False, "channels_last memory format")
     bn_group_size: int = option(0, "ghost BN groups (0: off)")
+    output_stride: int = option(32, "32, or 16 for a dilated last stage", choices=(16, 32))
     end_to_end: bool = option(True, "also time the steps fed by the real data pipeline")
     from_json: str | None = option(None, "read the figures of `benchmarks/pretrain_step.py --json FILE` instead of "
                                    "measuring")
@@ -60,7 +61,8 @@ class Stepper:
         from baselines.train import PretrainConfig, build_model
 
         pretrain = PretrainConfig(method=method, arch=cfg.arch, queue_size=cfg.queue_size,
-                                  bn_group_size=cfg.bn_group_size, batch_size=cfg.batch_size, data="-", out="-")
+                                  bn_group_size=cfg.bn_group_size, batch_size=cfg.batch_size, data="-", out="-",
+                                  output_stride=cfg.output_stride, image_size=cfg.image_size)
         seed_everything(0)
         self.model = build_model(pretrain).to(device)
         if cfg.channels_last:

@@ -33,6 +33,7 @@ PROTOCOLS: dict[str, str] = {
     "seg_voc_fcn": "protocols.segmentation:SEG_VOC_FCN",
     "seg_cityscapes_fcn": "protocols.segmentation:SEG_CITYSCAPES_FCN",
     "pretrain_overhead": "protocols.pretrain_overhead:PRETRAIN_OVERHEAD",
+    "seg_voc_dense_probe": "protocols.dense_probe:SEG_VOC_DENSE_PROBE",
 }
 
 # Names earlier versions stored runs under; read back as today's protocol.

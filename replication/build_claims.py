@@ -596,6 +596,8 @@ PROTOCOL_TEXT = {
     "seg_cityscapes_fcn_frozen": "FCN on Cityscapes with the backbone frozen (any scale)",
     "det_voc_c4_frozen_minus_finetune": "Faster R-CNN C4 VOC AP, frozen minus fine-tuned, per method (any scale)",
     "seg_voc_fcn_frozen_minus_finetune": "FCN VOC12 aug mIoU, frozen minus fine-tuned, per method (any scale)",
+    "seg_voc_dense_probe": "per-location linear probe of frozen feature maps on VOC-layout masks: a declared "
+                           "small-scale proxy for the frozen segmentation claims (any scale)",
 }
 JOURNAL = "Visual Informatics 7(1):30-40 abstract (DenseCL journal version)"
 
@@ -712,6 +714,13 @@ def directional_claims(ids: set[str]) -> list[dict[str, str]]:
             f"With the backbone frozen, DenseCL's {task} is at least MoCo-v2's (journal abstract: gains 'up to 3.5% AP "
             "and 8.8% mIoU' with the frozen-backbone protocol; per-task tables and the protocol's exact definition "
             "not retrieved)", JOURNAL, "vi_abstract"))
+    for stage in ("4", "5"):
+        rows.append(directional(
+            f"dir.seg_voc_dense_probe.miou.{pair}.f{stage}", "seg_voc_dense_probe", "mIoU", ">=", need(frozen_miou),
+            f"PROXY, not a claim of the paper: DenseCL's frozen feature{stage} map is at least as linearly separable "
+            "per location as MoCo-v2's (mIoU of a per-location linear probe). It stands in at small scale for the "
+            "journal's frozen-backbone segmentation gains ('up to 8.8% mIoU'), which need full FCN training",
+            JOURNAL, "vi_abstract", layer=f"feature{stage}"))
     for protocol_id, metric, cited, finetuned, fine_ids in (
             ("det_voc_c4", "AP", frozen_ap, "+2.0 AP", [f"cvpr_abstract.det_voc_c4.delta_ap.{pair}.coco800"]),
             ("seg_voc_fcn", "mIoU", frozen_miou, "+3.0 mIoU", [f"cvpr_abstract.seg_voc_fcn.delta_miou.{pair}.coco800"])):

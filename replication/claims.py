@@ -96,6 +96,8 @@ PROTOCOLS = {
     "seg_cityscapes_fcn_frozen": "FCN-D8 Cityscapes with all four stages frozen (spec §4.6)",
     "det_voc_c4_frozen_minus_finetune": "per method and seed: VOC C4 AP frozen minus fine-tuned",
     "seg_voc_fcn_frozen_minus_finetune": "per method and seed: VOC FCN mIoU frozen minus fine-tuned",
+    "seg_voc_dense_probe": "small-scale proxy for the frozen segmentation claims: per-location linear probe of frozen "
+                           "feature maps, mIoU on VOC-layout masks (not a protocol of the paper)",
     "pretrain_time": "pretraining wall-clock (hardware in the row's protocol text)",
     "pretrain_overhead": "DenseCL's pretraining step time relative to MoCo-v2 on the same hardware",
     "pretrain_config": "pretraining hyper-parameters from the official configs/code",
@@ -147,6 +149,7 @@ TOLERANCE_DEFAULTS: dict[str, tuple[float | None, str]] = {
     "seg_cityscapes_fcn_frozen": (1.0, "directional only (small-scale); protocol definition unverified"),
     "det_voc_c4_frozen_minus_finetune": (1.0, "directional only (small-scale); protocol definition unverified"),
     "seg_voc_fcn_frozen_minus_finetune": (1.0, "directional only (small-scale); protocol definition unverified"),
+    "seg_voc_dense_probe": (None, "a small-scale proxy: judged by direction only"),
     "pretrain_time": (None, "hardware-dependent: compare DenseCL with MoCo-v2 on the same machine instead"),
     "pretrain_overhead": (None, "a bound, checked by the directional step-time claim"),
     "pretrain_config": (0.0, "a configuration value must match exactly"),

@@ -15,6 +15,8 @@ from replication.eval_commands import add_eval_commands
 
 # The embedded default pretraining data: a synthetic set disjoint from the evaluation one (seed 0).
 DEFAULT_PRETRAIN_DATA = dict(images=512, size=96, seed=1)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)  # the replicate pipelines' paired seeds (docs/small-scale-design.md)
+DEFAULT_SOLVER = "liblinear"
 
 
 def _one_line(err: BaseException) -> str:
@@ -93,7 +95,9 @@ def cmd_replicate_voc(args: argparse.Namespace) -> int:
         seeds=tuple(args.seeds), epochs=args.epochs, voc_root=args.voc_root or os.environ.get("VOC_ROOT") or None,
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
         workers=args.workers, device=args.device, runs=args.runs, results=args.results, progress=args.progress,
-        samples=args.samples, svm_layers=args.svm_layers,
+        samples=args.samples, svm_layers=args.svm_layers, preset=args.preset, pretrain_size=args.pretrain_size,
+        require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline, dense_probe=args.dense_probe,
+        solver=args.solver,
     )
     _print_outcome("replicate-voc", replicate_voc(cfg), cfg.results)
     return 0
@@ -115,10 +119,11 @@ def cmd_replicate_dense(args: argparse.Namespace) -> int:
     checkpoints = _given_checkpoints(args)
     cfg = replicate_dense_config(
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), modes=tuple(args.modes), det_iterations=args.det_iterations,
-        seg_iterations=args.seg_iterations, data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"), checkpoints=checkpoints, arch=args.arch,
-        pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs, workers=args.workers,
-        device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs, results=args.results,
-        progress=args.progress)
+        seg_iterations=args.seg_iterations, data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"),
+        checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
+        workers=args.workers, device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs,
+        results=args.results, progress=args.progress, preset=args.preset, pretrain_size=args.pretrain_size,
+        require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline)
     _print_outcome("replicate-dense", replicate_dense(cfg), cfg.results)
     return 0
 
@@ -139,6 +144,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(path.read_text())
     print(f"report: {path}")
     return 0
+
+
+def _small_scale_arguments(parser: argparse.ArgumentParser, random_baseline: bool) -> None:
+    from replication.pipelines import DEFAULT_PRESET, PRETRAIN_DATA
+
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"small-scale pretraining preset, a name in baselines/configs or a YAML file "
+                        f"(default: {DEFAULT_PRESET}; small_cpu is the tiny 2x2-grid one CI uses)")
+    parser.add_argument("--pretrain-size", type=int, default=PRETRAIN_DATA["size"],
+                        help=f"side of the synthetic pretraining images (default: {PRETRAIN_DATA['size']})")
+    parser.add_argument("--require-paper-grid", action="store_true",
+                        help="refuse a preset whose DenseCL grid (image size / output stride) is below the paper's 7x7")
+    if random_baseline:
+        parser.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
+                            help="skip the random-init backbone evaluated beside each seed")
+    else:
+        parser.add_argument("--random-baseline", action="store_true",
+                            help="also evaluate a random-init backbone per seed (a third more time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "densecl=PATH --checkpoint mocov2=PATH (or $DENSECL_CHECKPOINT, $MOCOV2_CHECKPOINT): the full protocol, "
         "judged against the absolute numbers. Interrupted runs resume where they stopped.",
     )
-    voc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds (default: 0 1 2)")
+    voc.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                     help=f"paired pretraining seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
     voc.add_argument("--epochs", type=int, help="pretraining epochs (default: the small_cpu preset's)")
     voc.add_argument("--samples", type=int, help="low-shot samples per k (default: 5)")
     voc.add_argument("--svm-layers", type=_layer_list, help="SVM layers, comma list or 'all' (default: feature5)")
@@ -208,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--runs", default="runs/replicate-voc", help="pretraining runs and pipeline state")
     voc.add_argument("--results", default="results", help="results store (default: results)")
     voc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _small_scale_arguments(voc, random_baseline=True)
+    voc.add_argument("--no-dense-probe", dest="dense_probe", action="store_false",
+                     help="skip the frozen per-location probe (a declared small-scale proxy)")
+    voc.add_argument("--solver", choices=("liblinear", "batched"), default=DEFAULT_SOLVER,
+                     help=f"SVM solver of both SVM protocols (default: {DEFAULT_SOLVER})")
     voc.set_defaults(func=cmd_replicate_voc)
 
     dense = replicate.add_parser(
@@ -218,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         "directional claims (DenseCL >= MoCo-v2, larger gaps when frozen). Paper scale: --data TASK=ROOT for each "
         "task and --checkpoint METHOD=PATH: the reference protocols, judged against the absolute numbers. "
         "Needs the OpenMMLab stack (README 'Dense protocols'). Interrupted runs resume where they stopped.")
-    dense.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    dense.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                       help=f"paired seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
     dense.add_argument("--tasks", nargs="+", default=["voc-c4", "voc-fcn"],
                        choices=("voc-c4", "coco-fpn", "voc-fcn", "cityscapes-fcn"), help="default: voc-c4 voc-fcn")
     dense.add_argument("--modes", nargs="+", default=["finetune", "frozen"], choices=("finetune", "frozen"))
@@ -238,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the small-scale checkpoints live (default: replicate-voc's)")
     dense.add_argument("--results", default="results", help="results store (default: results)")
     dense.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _small_scale_arguments(dense, random_baseline=False)
     dense.set_defaults(func=cmd_replicate_dense)
 
     report = commands.add_parser(

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,23 +31,28 @@ from baselines.infra import atomic_write_json
 from baselines.methods import METHODS as REGISTERED_METHODS
 from baselines.train import PretrainConfig, pretrain
 from protocols import voc_svm
-from protocols.common import PRETRAIN_NAMES, backbone_under_test, default_voc_root
+from protocols.common import PRETRAIN_NAMES, RANDOM_INIT, backbone_under_test, default_voc_root
 from protocols.datasets import synthetic
 
 METHODS = tuple(REGISTERED_METHODS)
 # The spec's 19 costs, thinned to 10 for small-scale runs (every cost the reference tries between
 # 100 and 2^-19, at about half the density): SVM time halves, and the subset is recorded.
 SMALL_SCALE_COSTS: tuple[float, ...] = (1.0, 10.0, 100.0) + tuple(0.5**n for n in (4, 6, 8, 10, 13, 16, 19))
-PRETRAIN_DATA = dict(images=512, size=96, seed=1)
+PRETRAIN_DATA = dict(images=512, size=96, seed=1)  # the embedded pretraining images (`pretrain_size` changes size)
+MIN_SEEDS = 2  # a paired interval needs two seeds; the default count comes from the power analysis
+DEFAULT_PRESET = "small_cpu"  # the small-scale pretraining preset (docs/small-scale-design.md)
 
 
 @dataclass
 class ReplicateVOCConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
-    preset: str = "small_cpu"  # pretraining preset (name or YAML file) for small scale
+    preset: str = DEFAULT_PRESET  # pretraining preset (name or YAML file) for small scale
     pretrain_images: str = ""  # folder of pretraining images; empty: the synthetic default
+    pretrain_size: int = PRETRAIN_DATA["size"]  # side of the synthetic pretraining images
     epochs: int = 0  # 0: the preset's
+    random_baseline: bool = True  # small scale: also evaluate a random-init backbone per seed
+    require_paper_grid: bool = False  # refuse a DenseCL preset whose dense grid is below 7x7
     voc_root: str = ""  # real VOC2007; empty: the synthetic dataset
     checkpoints: dict[str, str] = field(default_factory=dict)  # method -> checkpoint: skip pretraining
     pretrain_data: str = "imagenet"  # what the given checkpoints were pretrained on (claim matching)
@@ -57,6 +63,9 @@ class ReplicateVOCConfig:
     costs: tuple[float, ...] = ()  # empty: 10-cost subset at small scale, the spec's 19 at paper scale
     ks: tuple[int, ...] = voc_svm.LOW_SHOT_KS
     samples: int = 5
+    dense_probe: bool = True  # the frozen per-location probe (a declared small-scale proxy), small scale only
+    probe_input_size: int = 128  # the probe's square input side
+    solver: str = "liblinear"  # SVM solver of both SVM protocols
     workers: int = 2
     device: str = "auto"
     runs: str = "runs/replicate-voc"
@@ -81,6 +90,9 @@ def validate_methods(cfg) -> None:
         raise configs.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not cfg.seeds:
         raise configs.ConfigError("no seeds given")
+    if not cfg.checkpoints and len(set(cfg.seeds)) < MIN_SEEDS:
+        raise configs.ConfigError(f"{len(set(cfg.seeds))} seed(s): a directional verdict needs at least {MIN_SEEDS} "
+                                  "paired seeds (--seeds 0 1 ...)")
     if cfg.checkpoints and set(cfg.checkpoints) != set(cfg.methods):
         raise configs.ConfigError(f"give a checkpoint for each of {', '.join(cfg.methods)} "
                                   f"(got {', '.join(sorted(cfg.checkpoints)) or 'none'})")
@@ -137,21 +149,52 @@ class PipelineState:
         atomic_write_json(self.path, self.state)
 
 
+def pretrain_images(cfg) -> str:
+    """The pipeline's pretraining images: the given folder, else the embedded synthetic set at `pretrain_size`."""
+    if cfg.pretrain_images:
+        return cfg.pretrain_images
+    data = {**PRETRAIN_DATA, "size": cfg.pretrain_size}
+    return str(synthetic.cached(**data, progress=cfg.progress) / "JPEGImages")
+
+
+def job_folder(runs: str, preset: str, job: Job) -> Path:
+    """`<runs>/<preset>/<method>-seed<N>`: each preset keeps its own checkpoints, so designs never collide."""
+    return Path(runs) / Path(preset).stem / job.name
+
+
 def pretrain_checkpoint(job: Job, cfg, runs: str) -> tuple[Path, dict[str, Any]]:
-    """Train (or resume, or reuse) the job's small-scale checkpoint in `<runs>/<job>`; returns the backbone path
+    """Train (or resume, or reuse) the job's small-scale checkpoint in `job_folder`; returns the backbone path
     and its recipe. `cfg` is a pipeline config (preset, epochs, pretrain_images, workers, device, progress)."""
     overrides: dict[str, Any] = {"method": job.method, "seed": job.seed, "workers": cfg.workers, "device": cfg.device,
-                                 "data": cfg.pretrain_images
-                                 or str(synthetic.cached(**PRETRAIN_DATA, progress=cfg.progress) / "JPEGImages"),
-                                 "out": str(Path(runs) / job.name), "resume": "auto",
-                                 "progress": cfg.progress}
+                                 "data": pretrain_images(cfg), "out": str(job_folder(runs, cfg.preset, job)),
+                                 "resume": "auto", "progress": cfg.progress,
+                                 "require_paper_grid": cfg.require_paper_grid}
     if cfg.epochs:
         overrides["epochs"] = cfg.epochs
     pretrain_cfg = configs.resolve(PretrainConfig, cfg.preset, overrides)
     backbone = pretrain(pretrain_cfg)
-    recipe = {**configs.to_dict(pretrain_cfg), "preset": cfg.preset,
-              "log": str(Path(pretrain_cfg.out) / "log.jsonl")}
+    log = Path(pretrain_cfg.out) / "log.jsonl"
+    recipe = {**configs.to_dict(pretrain_cfg), "preset": cfg.preset, "log": str(log),
+              "learning": learning_summary(log, pretrain_cfg.queue_size)}
     return backbone, recipe
+
+
+def learning_summary(log: Path, queue_size: int) -> dict[str, Any]:
+    """Did contrastive learning happen? The global loss and top-1 at the end against their chance levels.
+
+    With K negatives the InfoNCE loss of a network that cannot tell the positive from the negatives is
+    ln(K + 1), and its top-1 is 100 / (K + 1) percent (spec pretraining.md §2.4).
+    """
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    if not records:
+        return {}
+    chance_loss, chance_acc = math.log(queue_size + 1), 100.0 / (queue_size + 1)
+    last = records[-1]
+    loss = float(last.get("loss_global", last["loss"]))
+    acc = float(last.get("acc_global", math.nan))
+    learned = loss < chance_loss - 0.1 and (math.isnan(acc) or acc > 2 * chance_acc)
+    return {"first_loss_global": float(records[0].get("loss_global", records[0]["loss"])), "last_loss_global": loss,
+            "chance_loss": chance_loss, "last_acc_global": acc, "chance_acc": chance_acc, "learned": learned}
 
 
 def checkpoint_jobs(cfg, pipeline: str, runs: str) -> list[tuple[Job, Path | str, dict[str, Any]]]:
@@ -164,9 +207,17 @@ def checkpoint_jobs(cfg, pipeline: str, runs: str) -> list[tuple[Job, Path | str
     for seed in cfg.seeds:
         for method in cfg.methods:
             job = Job(method, seed)
-            _log(f"pretraining {job.name} ({cfg.preset}) in {Path(runs) / job.name} (reused when finished)", pipeline)
+            _log(f"pretraining {job.name} ({cfg.preset}) in {job_folder(runs, cfg.preset, job)} (reused when "
+                 "finished)", pipeline)
             backbone, recipe = pretrain_checkpoint(job, cfg, runs)
+            if not recipe["learning"].get("learned", True):
+                learning = recipe["learning"]
+                _log(f"warning: {job.name} did not learn: global loss {learning['last_loss_global']:.3f} against "
+                     f"chance {learning['chance_loss']:.3f}", pipeline)
             jobs.append((job, backbone, recipe))
+        if getattr(cfg, "random_baseline", False):
+            arch = configs.resolve(PretrainConfig, cfg.preset, {"data": "-", "out": "-"}).arch
+            jobs.append((Job("random", seed), RANDOM_INIT, {"epochs": 0, "arch": arch, "preset": "random init"}))
     return jobs
 
 
@@ -183,12 +234,14 @@ class Step:
 
 def _subject(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg):
     """The job's weights, labelled with what the verdicts match on (given checkpoints: what the user says)."""
+    if job.method == "random":
+        return backbone_under_test(RANDOM_INIT, recipe["arch"], seed=job.seed)
     small = not cfg.checkpoints
     subject = backbone_under_test(
         checkpoint, cfg.arch or None, seed=job.seed, method=job.method,
         pretrain_data="synthetic-voc" if small else PRETRAIN_NAMES.get(cfg.pretrain_data, cfg.pretrain_data),
         epochs=recipe.get("epochs", cfg.pretrain_epochs), pretrain_seed=job.seed if small else None)
-    subject.pretraining.update(preset=recipe.get("preset"), log=recipe.get("log"))
+    subject.pretraining.update(preset=recipe.get("preset"), log=recipe.get("log"), learning=recipe.get("learning"))
     return subject
 
 
@@ -231,10 +284,15 @@ def run_steps(job: Job, checkpoint: Path | str, recipe: dict[str, Any], steps: l
 def voc_steps(job: Job, cfg: ReplicateVOCConfig) -> list[Step]:
     root = Path(cfg.voc_root) if cfg.voc_root else default_voc_root(progress=cfg.progress)
     costs = cfg.costs or (voc_svm.DEFAULT_COSTS if cfg.scale == "paper" else SMALL_SCALE_COSTS)
-    common = dict(costs=costs, seed=job.seed, workers=cfg.workers, device=cfg.device)
-    return [Step("voc07_svm", "voc07_svm", root, dict(common, layers=tuple(cfg.svm_layers))),
-            Step("voc07_lowshot", "voc07_lowshot", root,
-                 dict(common, layers=(cfg.lowshot_layer,), ks=tuple(cfg.ks), samples=cfg.samples))]
+    common = dict(costs=costs, seed=job.seed, workers=cfg.workers, device=cfg.device, solver=cfg.solver)
+    steps = [Step("voc07_svm", "voc07_svm", root, dict(common, layers=tuple(cfg.svm_layers))),
+             Step("voc07_lowshot", "voc07_lowshot", root,
+                  dict(common, layers=(cfg.lowshot_layer,), ks=tuple(cfg.ks), samples=cfg.samples))]
+    if cfg.dense_probe and cfg.scale == "small":
+        steps.append(Step("seg_voc_dense_probe", "seg_voc_dense_probe", root,
+                          dict(train_split="trainval", test_split="test", device=cfg.device,
+                               input_size=cfg.probe_input_size)))
+    return steps
 
 
 def replicate_voc(cfg: ReplicateVOCConfig) -> dict[str, Any]:
@@ -284,10 +342,13 @@ class ReplicateDenseConfig:
     det_iterations: int | None = None  # None: 120 at small scale, the reference's at paper scale
     seg_iterations: int | None = None  # None: 150 at small scale, the reference's at paper scale
     synthetic_images: int = DENSE_DATA["images"]  # small scale: scenes generated (half train, half test)
-    preset: str = "small_cpu"
+    preset: str = DEFAULT_PRESET
     pretrain_images: str = ""
     epochs: int = 0
     pretrain_runs: str = "runs/replicate-voc"  # where replicate-voc keeps its checkpoints (reused when finished)
+    pretrain_size: int = PRETRAIN_DATA["size"]
+    random_baseline: bool = False  # also fine-tune a random-init backbone per seed (a third more time)
+    require_paper_grid: bool = False
     data: dict[str, str] = field(default_factory=dict)  # task -> real dataset root (paper scale)
     checkpoints: dict[str, str] = field(default_factory=dict)
     pretrain_data: str = "imagenet"

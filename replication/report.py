@@ -243,6 +243,54 @@ HOW_TO_READ = (
     "is all there is, a difference is judged against the protocol's noise band.")
 
 
+def learning_lines(records) -> list[str]:
+    """Per pretrained checkpoint: the global contrastive loss and top-1 at the end against chance."""
+    seen, lines = set(), []
+    for record in records:
+        pretraining = record.pretraining
+        learning = pretraining.get("learning") or {}
+        key = (pretraining.get("method"), pretraining.get("seed"))
+        if not learning or key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"| {paper_name(str(key[0]))} | {key[1]} | {learning['first_loss_global']:.3f} | "
+                     f"{learning['last_loss_global']:.3f} | {learning['chance_loss']:.3f} | "
+                     f"{learning['last_acc_global']:.1f} | {learning['chance_acc']:.2f} | "
+                     f"{'yes' if learning['learned'] else '**no**'} |")
+    if not lines:
+        return []
+    return ["| method | seed | first global loss | last | chance ln(K+1) | last top-1 % | chance % | learned |",
+            "|---|---|---|---|---|---|---|---|", *sorted(lines)]
+
+
+def random_baseline_lines(rows: list[Measurement]) -> list[str]:
+    """Each method against the random-init backbone of the same seed, beside the DenseCL - MoCo-v2 difference."""
+    groups: dict[tuple, dict[str, dict[Any, float]]] = defaultdict(lambda: defaultdict(dict))
+    for m in rows:
+        if not m.unit:
+            groups[(m.protocol_id, m.metric, m.layer, m.k, m.scale)][m.method][m.seed] = m.value
+    lines = []
+    for (protocol, metric, layer, k, scale), by_method in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if "Random" not in by_method:
+            continue
+        random = by_method["Random"]
+
+        def gain(method: str) -> float | None:
+            seeds = [s for s in by_method.get(method, {}) if s in random]
+            return statistics.fmean(by_method[method][s] - random[s] for s in seeds) if seeds else None
+
+        moco, dense = gain("MoCo-v2"), gain("DenseCL")
+        gap = abs(dense - moco) if moco is not None and dense is not None else None
+        weak = gap is not None and min(moco, dense) <= gap
+        lines.append(f"| {protocol} | {metric} | {layer} | {'' if k is None else k} | "
+                     f"{statistics.fmean(random.values()):.2f} | {_number(moco)} | {_number(dense)} | "
+                     f"{'' if gap is None else f'{gap:.2f}'} | {'**no**' if weak else 'yes'} |")
+    if not lines:
+        return []
+    return ["| protocol | metric | layer | k | random init | MoCo-v2 - random | DenseCL - random | "
+            "abs(DenseCL - MoCo-v2) | both beat random by more |", "|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 def markdown(selection: Selection, judged: list[Verdict], rows: list[Measurement], unmatched: list[str]) -> str:
     counts = defaultdict(int)
     for v in judged:
@@ -260,6 +308,12 @@ def markdown(selection: Selection, judged: list[Verdict], rows: list[Measurement
     ]
     if unmatched:
         lines += ["Runs that could not be matched to claims:", "", *[f"- {line}" for line in unmatched], ""]
+    learned, baseline = learning_lines(selection.records), random_baseline_lines(rows)
+    if learned or baseline:
+        lines += ["## Did pretraining learn?", "",
+                  "A comparison of two methods means little if neither learned: the contrastive loss should end "
+                  "below chance and each method should beat the random-init backbone of its seed by more than the "
+                  "two methods differ.", "", *learned, "", *baseline, ""]
     lines += [
         "## Measured (x100 metrics; seconds for step times)", "", *_summary_table(rows), "",
         "## Claims these runs could judge", "", *verdict_table(judged_rows), "",

@@ -31,6 +31,7 @@ TINY = {
                                    device="cpu"),
     "pretrain_overhead": dict(image_size=32, batch_size=4, queue_size=16, steps=3, warmup=1, end_to_end=False,
                               device="cpu"),
+    "seg_voc_dense_probe": dict(input_size=64, train_split="trainval", test_split="test", max_iter=20, device="cpu"),
 }
 
 

@@ -36,10 +36,11 @@ def tiny_preset(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 6 pretrainings and 27 protocol runs: ~2 min idle, up to ~6 min on 2 busy cores
 def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pretrain_images, tiny_preset, tmp_path,
                                                                      bench_log):
     cfg = ReplicateVOCConfig(preset=tiny_preset, pretrain_images=str(pretrain_images), voc_root="",
-                             costs=(1.0, 0.01), ks=(1, 2), samples=2, workers=0, device="cpu",
+                             costs=(1.0, 0.01), ks=(1, 2), samples=2, workers=0, device="cpu", probe_input_size=64,
                              runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), progress=False)
     # The synthetic eval set of the real pipeline is large; point the small pipeline at the 160-image one.
     import replication.pipelines as pipelines
@@ -47,7 +48,7 @@ def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pret
     pipelines.default_voc_root = lambda progress=True: svm_voc
     try:
         outcome = replicate_voc(cfg)
-        assert len(outcome["runs"]) == 12  # 2 methods x 3 seeds x (SVM, low-shot)
+        assert len(outcome["runs"]) == 27  # (2 methods + random init) x 3 seeds x (SVM, low-shot, dense probe)
         report = outcome["report"].read_text()
         assert "eq.voc07_svm.map.densecl-vs-mocov2.f5" in report and "3 paired seeds" in report
         assert "dir.voc07_lowshot.map.densecl-vs-mocov2.f5.k1" in report and "MDE (80% power)" in report
@@ -58,15 +59,19 @@ def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pret
         store = ResultsStore(tmp_path / "results", read_only=True)
         records = [r for r in store.load_runs("replicate-voc") if r.protocol != "report"]
         assert {(r.pretraining["method"], r.pretraining["seed"]) for r in records} == {
-            (m, s) for m in ("mocov2", "densecl") for s in (0, 1, 2)}
-        assert all(r.scale == "small" and r.pretraining["pretrain_data"] == "synthetic-voc" for r in records)
+            (m, s) for m in ("mocov2", "densecl", "random") for s in (0, 1, 2)}
+        assert all(r.scale == "small" for r in records)
+        assert {r.pretraining["pretrain_data"] for r in records if r.pretraining["method"] != "random"} == {
+            "synthetic-voc"}
+        assert "## Did pretraining learn?" in report and "random init" in report
+        assert "dir.seg_voc_dense_probe.miou.densecl-vs-mocov2.f5" in report
 
         bench_log.clear()
         again = replicate_voc(cfg)  # the same config resumes the batch: nothing is re-evaluated
         assert again["batch"] == outcome["batch"]
-        assert bench_log.text.count("already stored") == 12
+        assert bench_log.text.count("already stored") == 27
         assert again["report"] == outcome["report"]  # the same runs at the same commit: the stored report is reused
-        assert len([r for r in store.load_runs("replicate-voc") if r.protocol != "report"]) == 12
+        assert len([r for r in store.load_runs("replicate-voc") if r.protocol != "report"]) == 27
     finally:
         pipelines.default_voc_root = original
 

@@ -1,161 +1,195 @@
-r"""Speed of protocols.voc_svm against a plain serial loop of the same sklearn fits.
+r"""Speed and agreement of the VOC07 SVM protocols: the project's liblinear path against the batched solver.
 
-The plain loop is how the reference scripts work (spec protocols.md §1.4-§1.7): one process,
-for class, for cost: `cross_val_score` + `fit` on all rows (every cost refitted), then test the
-CV-chosen cost; low-shot: for sample, k, class, cost: fit + test. Both sides get the same
-synthetic VOC07-shaped features and the same fixed LinearSVC random_state, so their mAPs must be
-identical; the script prints the difference. At the real size (5011 x 8192, 20 classes, 19 costs)
-the serial loop takes hours on two cores: scale down with --train-rows/--test-rows/--dims/
---classes/--costs/--ks/--samples. Prints what was run, wall times, the ratio and both mAPs.
+Both sides get the same synthetic VOC07-shaped features (spec protocols.md §1.4-§1.7, §7) in ONE
+run: the liblinear path is `voc_svm.train_and_test_svm` / `voc_svm.run_low_shot` with its process
+pool (workers = all cores unless --workers), the batched one `svm_solver.train_and_test_svm_batched`
+/ `svm_solver.run_low_shot_batched`. Printed per layer and protocol: wall and CPU seconds (this
+process plus its worker processes; the cores may be shared with other work), the speed-up, the
+mAP difference, the largest per-class AP difference, chosen-cost agreement (a disagreement inside a
+CV tie < 1e-4 is marked), peak memory (RSS; CUDA max allocated on a GPU), liblinear's
+ConvergenceWarnings and the batched solver's certificates. The last line is always
 
-Example (about two minutes on two busy cores):
-  python benchmarks/svm_protocol.py --train-rows 1500 --test-rows 1500 --dims 2048 \
-      --classes 8 --costs 1,10,0.0625,0.001953125 --ks 1,8,32 --samples 3
+  speedup full: X.Xx, lowshot: Y.Yx, max mAP diff: Z
+
+(wall-time ratios summed over layers; Z in mAP points over both protocols; n/a where not run).
+
+Defaults are the VOC07 sizes: 5011 train / 4952 test rows, 20 classes, 19 costs, 3 folds, 5 low-shot
+samples x 8 ks, layers of 2048 and 9216 dims. The liblinear side takes tens of minutes there on two
+cores; scale down with --train-rows/--test-rows/--dims/--classes/--costs/--ks/--samples, e.g.
+  python benchmarks/svm_protocol.py --train-rows 1500 --test-rows 1500 --dims 2048 --classes 8
+--gpu-only times only the batched solver (--device cuda) on the five ResNet-50 layer sizes
+(9216/9216/8192/9216/8192), full and low-shot.
+
+Threads: torch's OpenMP threads spin while waiting; on cores shared with other work that makes
+small tensor operations slow by orders of magnitude, so this script sets OMP_WAIT_POLICY=PASSIVE
+(before torch is imported) unless it is set already.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
-import warnings
 
-import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import cross_val_score
-from sklearn.svm import LinearSVC
-from threadpoolctl import threadpool_limits
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime (see above)
 
-from protocols import voc_svm
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from protocols import svm_solver, voc_svm  # noqa: E402
 
 # Images per class in VOC07 trainval (approximate), to make label frequencies VOC-like.
 VOC07_TRAINVAL_IMAGES = (
     238, 243, 330, 181, 244, 186, 713, 337, 445, 141, 200, 421, 287, 245, 2008, 245, 96, 229, 261, 256,
 )
+RESNET50_LAYER_DIMS = (9216, 9216, 8192, 9216, 8192)  # feat1..feat5 of the SVM protocol (§1.3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-rows", type=int, default=5011, help="train images (VOC07 trainval: 5011)")
     parser.add_argument("--test-rows", type=int, default=4952, help="test images (VOC07 test: 4952)")
-    parser.add_argument("--dims", type=int, default=8192, help="feature dims (feat5: 8192)")
+    parser.add_argument("--dims", default="2048,9216", help="comma-separated feature sizes, one layer each")
     parser.add_argument("--classes", type=int, default=20, help="label columns, the first N VOC classes (<= 20)")
     parser.add_argument("--costs", default="all", help="comma-separated costs, or 'all' for the reference's 19")
     parser.add_argument("--ks", default="1,2,4,8,16,32,64,96", help="low-shot k values")
     parser.add_argument("--samples", type=int, default=5, help="low-shot samples")
-    parser.add_argument("--workers", type=int, default=None, help="our side's worker processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed and LinearSVC random_state of both sides")
-    parser.add_argument(
-        "--reference-blas-threads", type=int, default=None,
-        help="cap the reference loop's BLAS threads (default: the library's, as the reference runs; "
-        "ours always uses 1 per worker)",
-    )
-    parser.add_argument("--skip-full", action="store_true", help="skip the full SVM comparison")
-    parser.add_argument("--skip-low-shot", action="store_true", help="skip the low-shot comparison")
+    parser.add_argument("--workers", type=int, default=None, help="liblinear worker processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="data seed and LinearSVC random_state")
+    parser.add_argument("--device", default="cpu", help="batched solver device: cpu or cuda")
+    parser.add_argument("--tol", type=float, default=svm_solver.DEFAULT_TOL, help="batched solver tolerance")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="time only the batched solver on the five ResNet-50 layer sizes (implies --device cuda)")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full SVM protocol")
+    parser.add_argument("--skip-low-shot", action="store_true", help="skip the low-shot protocol")
     return parser.parse_args(argv)
 
 
 def synthetic_voc(train_rows: int, test_rows: int, dims: int, classes: int, seed: int):
     """float32, non-negative (post-ReLU pooled) features whose class signal is weak and shared
-    across a few directions; multi-label labels with VOC07 class frequencies and a few difficult (-1)."""
-    rng = np.random.default_rng(seed)
-    prevalence = np.array(VOC07_TRAINVAL_IMAGES[:classes]) / 5011
-    prototypes = np.maximum(rng.normal(size=(classes, dims)), 0).astype(np.float32)
+    across a few directions; multi-label labels with VOC07 class frequencies and a few difficult (-1).
+
+    Each class has (at least) its VOC07 trainval count of positives, scaled to the rows asked for,
+    so k=96 low-shot samples exist at VOC07 size (sheep has 96). The labels depend on the seed and
+    the row counts only, not on dims, so every layer of a run sees the same labels.
+    """
+    label_rng = np.random.default_rng([seed, 0])
+    feature_rng = np.random.default_rng([seed, 1, dims])
+    counts = np.array(VOC07_TRAINVAL_IMAGES[:classes])
+    prevalence = counts / 5011
+    prototypes = np.maximum(feature_rng.normal(size=(classes, dims)), 0).astype(np.float32)
 
     def split(rows: int):
-        present = rng.random((rows, classes)) < prevalence
+        present = np.zeros((rows, classes), dtype=bool)
+        for c in range(classes):
+            present[label_rng.choice(rows, size=min(rows, round(counts[c] * rows / 5011)), replace=False), c] = True
         empty = ~present.any(axis=1)
-        present[empty, rng.choice(classes, size=int(empty.sum()), p=prevalence / prevalence.sum())] = True
-        difficult = ~present & (rng.random((rows, classes)) < 0.15 * prevalence)
+        present[empty, label_rng.choice(classes, size=int(empty.sum()), p=prevalence / prevalence.sum())] = True
+        difficult = ~present & (label_rng.random((rows, classes)) < 0.15 * prevalence)
         labels = np.where(present, 1, 0).astype(np.int32)
         labels[difficult] = -1
-        strength = rng.uniform(0.0, 0.6, size=(rows, classes)) * (present | difficult)
-        features = rng.normal(size=(rows, dims)).astype(np.float32) + strength.astype(np.float32) @ prototypes
+        strength = label_rng.uniform(0.0, 0.6, size=(rows, classes)) * (present | difficult)
+        features = feature_rng.normal(size=(rows, dims)).astype(np.float32) + strength.astype(np.float32) @ prototypes
         return np.maximum(features, 0), labels
 
     return split(train_rows), split(test_rows)
 
 
-def reference_normalise(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x / (np.linalg.norm(x, axis=1) + 1e-5)[:, np.newaxis]
+# ----------------------------------------------------------------------------------------------
+# Measuring
 
 
-def reference_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The test-time AP as §1.5 states it, written as loops, independently of voc_svm.interpolated_ap."""
-    order = np.argsort(scores)[::-1]
-    tp = (labels[order] > 0).astype(np.float64)
-    fp = 1.0 - tp
-    tp, fp = np.cumsum(tp), np.cumsum(fp)
-    precision, recall = tp / (tp + fp), tp / float(np.sum(labels > 0))
-    mrec = np.concatenate(([0.0], recall, [1.0]))
-    mpre = np.concatenate(([0.0], precision, [0.0]))
-    for i in range(len(mpre) - 2, -1, -1):
-        mpre[i] = max(mpre[i], mpre[i + 1])
-    steps = np.where(mrec[1:] != mrec[:-1])[0] + 1
-    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets this process's VmHWM (peak RSS)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
-def reference_svm(cost: float, seed: int) -> LinearSVC:
-    return LinearSVC(
-        C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
-        tol=1e-4, dual=True, max_iter=2000, random_state=seed,
-    )
+def _peak_rss_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def reference_full(train_x, train_y, test_x, test_y, costs, seed) -> float:
-    """One process, for class, for cost: cross_val_score + fit; then test the CV-chosen cost."""
-    x_train, x_test = reference_normalise(train_x), reference_normalise(test_x)
-    aps = []
-    for c in range(train_y.shape[1]):
-        y = train_y[:, c].copy()
-        y[y == 0] = -1
-        cv, models = [], []
-        for cost in costs:
-            model = reference_svm(cost, seed)
-            cv.append(cross_val_score(model, x_train, y, cv=3, scoring="average_precision").mean())
-            models.append(model.fit(x_train, y))
-        scores = models[int(np.argmax(cv))].decision_function(x_test)
-        keep = test_y[:, c] != -1
-        aps.append(reference_ap(scores[keep], test_y[keep, c]))
-    return 100.0 * float(np.mean(aps))
+def measured(fn, *args, **kwargs):
+    """(result, wall s, CPU s of this process and of worker processes that ended, peak RSS GiB, CUDA GiB)."""
+    _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = children.ru_utime + children.ru_stime
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    wall = time.perf_counter() - wall
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu + children.ru_utime + children.ru_stime - child_cpu
+    cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    worker_peak = children.ru_maxrss / 2**20  # the largest worker process so far
+    return result, wall, cpu, max(_peak_rss_gib(), 0.0), cuda, worker_peak
 
 
-def reference_low_shot(train_x, train_y, test_x, test_y, samples, ks, costs, seed) -> list[float]:
-    """One process, for sample, k, class, cost: fit on the sampled rows + test; per k the mean x100
-    at the cost with the best sample-mean test mAP."""
-    x_train, x_test = reference_normalise(train_x), reference_normalise(test_x)
-    sample_ids = sorted({s for s, _ in samples})
-    per_sample_k = {}
-    for s in sample_ids:
-        for k in ks:
-            targets = samples[(s, k)]
-            ap = np.zeros((len(costs), train_y.shape[1]))
-            for c in range(train_y.shape[1]):
-                rows = np.where(targets[:, c] != -1)[0]
-                y = targets[rows, c].copy()
-                y[y == 0] = -1
-                keep = test_y[:, c] != -1
-                for j, cost in enumerate(costs):
-                    scores = reference_svm(cost, seed).fit(x_train[rows], y).decision_function(x_test)
-                    ap[j, c] = reference_ap(scores[keep], test_y[keep, c])
-            per_sample_k[(s, k)] = np.array([np.mean(ap[j]) for j in range(len(costs))])
-    means = []
-    for k in ks:
-        mean_by_cost = np.stack([per_sample_k[(s, k)] for s in sample_ids]).mean(axis=0)
-        means.append(100.0 * float(mean_by_cost[int(np.argmax(mean_by_cost))]))
-    return means
+def full_agreement(ours: dict, ref: dict) -> dict:
+    ap_diff = max(abs(ours["ap"][c] - ref["ap"][c]) for c in ref["ap"])
+    tie_classes = {t["class"] for t in ours["ties"]}
+    differ = [c for c, a, b in zip(ref["classes"], ours["chosen_cost_index"], ref["chosen_cost_index"]) if a != b]
+    return {"map_diff": ours["mAP"] - ref["mAP"], "ap_diff": ap_diff, "differ": differ,
+            "differ_outside_ties": [c for c in differ if c not in tie_classes], "ties": ours["ties"],
+            "cv_diff": float(np.nanmax(np.abs(np.array(ours["cv_ap"]) - np.array(ref["cv_ap"]))))}
 
 
-def timed(fn, *args, blas_threads: int | None = None):
-    start = time.perf_counter()
-    with warnings.catch_warnings(), threadpool_limits(limits=blas_threads, user_api="blas"):
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        result = fn(*args)
-    return result, time.perf_counter() - start
+def low_shot_agreement(ours: dict, ref: dict) -> dict:
+    means = [a["mean"] - b["mean"] for a, b in zip(ours["per_k"], ref["per_k"], strict=True)]
+    differ = [a["k"] for a, b in zip(ours["per_k"], ref["per_k"], strict=True) if a["cost_index"] != b["cost_index"]]
+    grid = 100 * float(np.abs(np.array(ours["test_map"]) - np.array(ref["test_map"])).max())
+    return {"map_diff": max(means, key=abs), "grid_diff": grid, "differ": differ}
+
+
+def report(kind: str, lib: tuple | None, bat: tuple, agree: dict | None) -> None:
+    _, wall, cpu, rss, cuda, _ = bat
+    result = bat[0]
+    diag = result["solver_diagnostics"]
+    line = (f"  batched   {wall:8.1f} s wall {cpu:9.1f} CPU-s  peak RSS {rss:5.2f} GiB"
+            + (f", CUDA {cuda:5.2f} GiB" if cuda else "")
+            + f"  [{diag['problems']} problems, max rel. grad {diag['max_rel_grad']:.1e}, "
+            f"Stage A share {diag['stage_a_share']:.2f}, not converged {diag['not_converged']}]")
+    if lib is None:
+        print(line)
+        return
+    ref, lwall, lcpu, lrss, _, worker_rss = lib
+    print(f"  liblinear {lwall:8.1f} s wall {lcpu:9.1f} CPU-s  peak RSS {lrss:5.2f} GiB (largest worker "
+          f"{worker_rss:5.2f} GiB)  [{ref['fits']} fits, {ref['workers']} workers, "
+          f"{ref['convergence_warnings']} ConvergenceWarnings (max_iter reached)]")
+    print(line)
+    print(f"  speed-up {lwall / wall:6.1f}x wall, {lcpu / cpu:6.1f}x CPU")
+    if kind == "full":
+        print(f"  mAP {result['mAP']:.4f} vs {ref['mAP']:.4f}: diff {agree['map_diff']:+.2e} points; max per-class AP "
+              f"diff {agree['ap_diff']:.2e}; max CV AP diff {agree['cv_diff']:.1e}")
+        print(f"  chosen costs: {len(ref['classes']) - len(agree['differ'])}/{len(ref['classes'])} identical"
+              + (f"; differ for {agree['differ']} ({len(agree['differ_outside_ties'])} outside CV ties)"
+                 if agree["differ"] else "")
+              + f"; ties < 1e-4 in the batched CV table: {len(agree['ties'])}"
+              + (f" ({', '.join(t['class'] + ' ' + '/'.join(f'{c:g}' for c in t['costs']) for t in agree['ties'])})"
+                 if agree["ties"] else ""))
+    else:
+        print(f"  per-k mean mAP: max diff {agree['map_diff']:+.2e} points; max diff over samples x ks x costs "
+              f"{agree['grid_diff']:.2e} points; chosen cost differs for k in {agree['differ'] or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,45 +198,70 @@ def main(argv: list[str] | None = None) -> int:
     ks = tuple(int(k) for k in args.ks.split(","))
     if not 1 <= args.classes <= 20:
         sys.exit("--classes must be in 1..20")
-    (train_x, train_y), (test_x, test_y) = synthetic_voc(
-        args.train_rows, args.test_rows, args.dims, args.classes, args.seed
-    )
-    print(f"data: train {train_x.shape} test {test_x.shape} float32, {args.classes} classes, "
-          f"{int((train_y == -1).sum())}/{int((test_y == -1).sum())} difficult train/test labels")
-    print(f"costs ({len(costs)}): {', '.join(f'{c:g}' for c in costs)}")
-    print(f"cores available: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
-          f"our workers: {args.workers or 'all'}, random_state {args.seed} on both sides, "
-          f"reference BLAS threads: {args.reference_blas_threads or 'library default'}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    device = "cuda" if args.gpu_only else args.device
+    try:
+        svm_solver.resolve_solver_device(device)
+    except voc_svm.SVMInputError as error:
+        print(f"cannot run: {error}", file=sys.stderr)
+        print("speedup full: n/a, lowshot: n/a, max mAP diff: n/a")
+        return 2
+    dims = RESNET50_LAYER_DIMS if args.gpu_only else tuple(int(d) for d in args.dims.split(","))
+    settings = svm_solver.SolverSettings(tol=args.tol)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"rows {args.train_rows} train / {args.test_rows} test, {args.classes} classes, {len(costs)} costs, "
+          f"layers {dims}; low-shot ks {ks} x {args.samples} samples; cores {cores}, liblinear workers "
+          f"{args.workers or 'all'}, batched device {device} ({torch.get_num_threads()} torch threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), load average {os.getloadavg()[0]:.1f}")
 
-    if not args.skip_full:
-        n_tasks = args.classes * len(costs)
-        print(f"\nfull SVM: reference {n_tasks} x (3 CV + 1 refit) = {4 * n_tasks} fits; "
-              f"ours {3 * n_tasks} CV + {args.classes} refits")
-        cfg = voc_svm.SVMConfig(costs=costs, seed=args.seed, workers=args.workers)
-        ours, ours_s = timed(voc_svm.train_and_test_svm, train_x, train_y, test_x, test_y, cfg, False)
-        ref_map, ref_s = timed(
-            reference_full, train_x, train_y, test_x, test_y, costs, args.seed, blas_threads=args.reference_blas_threads
-        )
-        print(f"  ours      {ours_s:8.1f} s  mAP {ours['mAP']:.6f}  ({ours['convergence_warnings']} not converged)")
-        print(f"  reference {ref_s:8.1f} s  mAP {ref_map:.6f}")
-        print(f"  speed-up {ref_s / ours_s:.2f}x   mAP difference {ours['mAP'] - ref_map:+.3e}")
+    totals = {"full": [0.0, 0.0], "lowshot": [0.0, 0.0]}
+    max_diff = None
+    for d in dims:
+        (train_x, train_y), (test_x, test_y) = synthetic_voc(args.train_rows, args.test_rows, d, args.classes,
+                                                             args.seed)
+        print(f"\nlayer {d}-d: train {train_x.shape} test {test_x.shape}, "
+              f"{int((train_y == 1).sum())} positive labels")
+        if not args.skip_full:
+            cfg = voc_svm.SVMConfig(costs=costs, seed=args.seed, workers=args.workers)
+            bat = measured(svm_solver.train_and_test_svm_batched, train_x, train_y, test_x, test_y, cfg, False,
+                           device=device, settings=settings)
+            lib = agree = None
+            if not args.gpu_only:
+                lib = measured(voc_svm.train_and_test_svm, train_x, train_y, test_x, test_y, cfg, False)
+                agree = full_agreement(bat[0], lib[0])
+                totals["full"][0] += lib[1]
+                max_diff = max(abs(agree["map_diff"]), max_diff or 0.0)
+            totals["full"][1] += bat[1]
+            print(f" full SVM ({len(costs)} costs x {args.classes} classes x (3 folds) + refits):")
+            report("full", lib, bat, agree)
+        usable = voc_svm.feasible_ks(train_y, ks)
+        if usable != ks:
+            print(f" low-shot: k={sorted(set(ks) - set(usable))} need more rows per class than {args.train_rows}; "
+                  f"running k={list(usable)}")
+        if not args.skip_low_shot and usable:
+            lcfg = voc_svm.LowShotConfig(ks=usable, samples=args.samples, costs=costs, seed=args.seed,
+                                         workers=args.workers)
+            bat = measured(svm_solver.run_low_shot_batched, train_x, train_y, test_x, test_y, lcfg, False,
+                           device=device, settings=settings)
+            lib = agree = None
+            if not args.gpu_only:
+                lib = measured(voc_svm.run_low_shot, train_x, train_y, test_x, test_y, lcfg, False)
+                agree = low_shot_agreement(bat[0], lib[0])
+                totals["lowshot"][0] += lib[1]
+                max_diff = max(abs(agree["map_diff"]), agree["grid_diff"], max_diff or 0.0)
+            totals["lowshot"][1] += bat[1]
+            print(f" low-shot ({args.samples} samples x {len(usable)} ks x {args.classes} classes x {len(costs)} costs):")
+            report("lowshot", lib, bat, agree)
+        del train_x, test_x
 
-    if not args.skip_low_shot:
-        lcfg = voc_svm.LowShotConfig(ks=ks, samples=args.samples, costs=costs, seed=args.seed, workers=args.workers)
-        samples = voc_svm.low_shot_samples(train_y, ks, args.samples, args.seed)
-        fits = args.samples * len(ks) * args.classes * len(costs)
-        print(f"\nlow-shot: ks {ks}, {args.samples} samples: {fits} fits on each side")
-        ours, ours_s = timed(voc_svm.run_low_shot, train_x, train_y, test_x, test_y, lcfg, False)
-        ref_means, ref_s = timed(
-            reference_low_shot, train_x, train_y, test_x, test_y, samples, ks, costs, args.seed,
-            blas_threads=args.reference_blas_threads,
-        )
-        our_means = [row["mean"] for row in ours["per_k"]]
-        print(f"  ours      {ours_s:8.1f} s  mean mAP per k {' '.join(f'{m:.4f}' for m in our_means)}")
-        print(f"  reference {ref_s:8.1f} s  mean mAP per k {' '.join(f'{m:.4f}' for m in ref_means)}")
-        diff = max(abs(a - b) for a, b in zip(our_means, ref_means, strict=True))
-        print(f"  speed-up {ref_s / ours_s:.2f}x   max |mAP difference| {diff:.3e}")
+    def ratio(kind: str) -> str:
+        lib, bat = totals[kind]
+        return f"{lib / bat:.1f}x" if lib and bat else "n/a"
+
+    if args.gpu_only:
+        print(f"\nbatched total: full {totals['full'][1]:.1f} s, low-shot {totals['lowshot'][1]:.1f} s "
+              f"on {device} for {len(dims)} layers")
+    print(f"speedup full: {ratio('full')}, lowshot: {ratio('lowshot')}, "
+          f"max mAP diff: {'n/a' if max_diff is None else f'{max_diff:.2e}'}")
     return 0
 
 

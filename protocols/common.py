@@ -87,9 +87,18 @@ def default_voc_root(progress: bool = True) -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when there is one; a device this machine lacks is a one-line error, not a torch trace."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SubjectError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SubjectError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SubjectError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def run_scale(synthetic_data: bool, pretraining: dict[str, Any], preset: str | None = None) -> str:

@@ -190,23 +190,13 @@ def _check_costs(costs: Iterable[float]) -> tuple[float, ...]:
     return costs
 
 
-def _check_solver(solver: str) -> str:
+def check_solver(solver: str) -> str:
+    """The solver name, or a one-line SVMInputError (with a suggestion) for a typo."""
     if solver not in SOLVERS:
         close = difflib.get_close_matches(str(solver), SOLVERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SVMInputError(f"unknown SVM solver {solver!r}{hint}; choose from {', '.join(SOLVERS)}")
     return solver
-
-
-def _solver_device(name: str) -> str:
-    """`auto` -> cuda when there is one; an unavailable CUDA device is a one-line error."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SVMInputError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return name
 
 
 def _check_seed(seed: int) -> int:
@@ -500,11 +490,11 @@ def train_and_test_svm(
     the reference also just warns about) are shown once each and listed in the result.
     """
     cfg = cfg or SVMConfig()
-    if _check_solver(cfg.solver) == "batched":
+    if check_solver(cfg.solver) == "batched":
         from protocols import svm_solver
 
         return svm_solver.train_and_test_svm_batched(train_x, train_y, test_x, test_y, cfg, progress, class_names,
-                                                     desc, device=_solver_device(cfg.device))
+                                                     desc, device=cfg.device)
     started = time.perf_counter()
     train_y, test_y = _check_inputs(train_x, train_y, test_x, test_y)
     names = _class_names(train_y.shape[1], class_names)
@@ -732,11 +722,11 @@ def run_low_shot(
 ) -> dict[str, Any]:
     """The low-shot protocol (§1.7, §7): no CV; the cost per k is chosen on the test set, as the reference."""
     cfg = cfg or LowShotConfig()
-    if _check_solver(cfg.solver) == "batched":
+    if check_solver(cfg.solver) == "batched":
         from protocols import svm_solver
 
         return svm_solver.run_low_shot_batched(train_x, train_y, test_x, test_y, cfg, progress, class_names, desc,
-                                               device=_solver_device(cfg.device))
+                                               device=cfg.device)
     started = time.perf_counter()
     train_y, test_y = _check_inputs(train_x, train_y, test_x, test_y)
     names = _class_names(train_y.shape[1], class_names)

@@ -8,15 +8,20 @@ import os
 import sys
 from pathlib import Path
 
-from baselines import config as configs
-from baselines.convert import add_convert_command
-from replication.claims import add_claims_commands
-from replication.eval_commands import add_eval_commands
+# Idle OpenMP threads sleep instead of spinning: on cores shared with data-loader workers or other jobs a
+# spinning team made the batched SVM solver's small tensor operations ~300x slower (issue 11). It must be
+# set before torch is first imported; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from baselines import config as configs  # noqa: E402
+from baselines.convert import add_convert_command  # noqa: E402
+from replication.claims import add_claims_commands  # noqa: E402
+from replication.eval_commands import add_eval_commands  # noqa: E402
 
 # The embedded default pretraining data: a synthetic set disjoint from the evaluation one (seed 0).
 DEFAULT_PRETRAIN_DATA = dict(images=512, size=96, seed=1)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)  # the replicate pipelines' paired seeds (docs/small-scale-design.md)
-DEFAULT_SOLVER = "liblinear"
+DEFAULT_SOLVER = "batched"  # the exact batched solver; liblinear stays the reference mode of `eval`
 
 
 def _one_line(err: BaseException) -> str:

@@ -138,9 +138,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from protocols.transfer import require_mm_stack
 
         require_mm_stack(protocol.needs)  # before any data is generated or weights loaded
+    given = {f.name: getattr(args, f.name) for f in protocol.flag_fields if hasattr(args, f.name)}
+    if "device" in given:
+        resolve_device(given["device"])  # a device this machine lacks fails before any work
     store = ResultsStore(args.results)  # checked writable before any work, so nothing computed is lost
     data, overrides, synthetic = _data(args, protocol)
-    given = {f.name: getattr(args, f.name) for f in protocol.flag_fields if hasattr(args, f.name)}
     cfg = protocol.make_config({**overrides, **given}, synthetic=synthetic)
     subject = None
     if protocol.subject == "backbone":

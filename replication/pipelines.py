@@ -65,7 +65,7 @@ class ReplicateVOCConfig:
     samples: int = 5
     dense_probe: bool = True  # the frozen per-location probe (a declared small-scale proxy), small scale only
     probe_input_size: int = 128  # the probe's square input side
-    solver: str = "liblinear"  # SVM solver of both SVM protocols
+    solver: str = "batched"  # SVM solver of both SVM protocols: exact, ~10x faster than liblinear (issue 11)
     workers: int = 2
     device: str = "auto"
     runs: str = "runs/replicate-voc"

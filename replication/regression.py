@@ -23,7 +23,7 @@ from replication.pipelines import Job, ReplicateVOCConfig, pretrain_checkpoint
 
 REFERENCE = Path("results") / "reference" / "regression.json"
 SETTINGS = {"epochs": 2, "seed": 0, "costs": (1.0, 0.0625, 0.00390625), "svm_layers": ("feature5",),
-            "lowshot_ks": (1, 2), "lowshot_samples": 2}
+            "lowshot_ks": (1, 2), "lowshot_samples": 2, "solver": "batched"}  # the solver replicate-voc uses
 BANDS = {"mAP": 2.0, "loss": 0.05}  # metric points; final pretraining loss (absolute)
 
 
@@ -55,7 +55,8 @@ def measure(work: Path, progress: bool = True) -> dict[str, float]:
         last = Path(recipe["log"]).read_text().splitlines()[-1]
         metrics[f"{method}/final_loss"] = json.loads(last)["loss"]
         subject = backbone_under_test(backbone, seed=job.seed)
-        common = dict(layers=SETTINGS["svm_layers"], workers=0, device="cpu", costs=SETTINGS["costs"], seed=job.seed)
+        common = dict(layers=SETTINGS["svm_layers"], workers=0, device="cpu", costs=SETTINGS["costs"], seed=job.seed,
+                      solver=SETTINGS["solver"])
         runs = [VOC07_SVM.run(subject, root, VOC07_SVM.make_config(common), progress=progress),
                 VOC07_LOWSHOT.run(subject, root, VOC07_LOWSHOT.make_config(
                     dict(common, ks=SETTINGS["lowshot_ks"], samples=SETTINGS["lowshot_samples"])), progress=progress)]

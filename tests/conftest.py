@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: busy cores are the norm here (issue 11)
 
-from baselines.train import PretrainConfig
-from protocols.datasets import synthetic
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from baselines.train import PretrainConfig  # noqa: E402
+from protocols.datasets import synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

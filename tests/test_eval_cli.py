@@ -108,6 +108,9 @@ def test_voc_lowshot_on_a_pretrained_checkpoint(svm_voc, pretrain_images, tmp_pa
         (["--checkpoint", "random", "--layers", "res5"], "unknown layer"),
         (["--checkpoint", "random", "--costs", "1,a"], "comma-separated float values"),
         (["--checkpoint", "random", "--arch", "resnet18", "--data", "/nonexistent/VOC2007"], "does not exist"),
+        (["--checkpoint", "random", "--arch", "resnet18", "--solver", "libliner"], "invalid choice: 'libliner'"),
+        (["--checkpoint", "random", "--arch", "resnet18", "--costs", "1,0"], "costs must be a non-empty list of "
+         "positive numbers"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys):
@@ -117,6 +120,14 @@ def test_bad_input_is_one_line(argv, message, capsys):
         code = exit.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(capsys, tmp_path):
+    code = main(["eval", "voc07_svm", "--checkpoint", "random", "--arch", "resnet18", "--solver", "batched",
+                 "--device", "cuda", "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "CUDA is not available on this machine" in err[0]
 
 
 def test_wrong_architecture_names_both(weights, tmp_path, capsys):

@@ -1,0 +1,1132 @@
+"""An exact batched solver for the VOC07 linear-SVM protocols (issue 11), a twin of the liblinear path.
+
+Every fit of the protocols (spec protocols.md §1.4, §1.7, §7) is the same strongly convex problem
+sklearn's `LinearSVC(C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True,
+intercept_scaling=1)` solves. liblinear appends a constant feature 1, so the bias is regularised:
+
+    minimise over w~ = (w, b):  0.5 ||w~||^2 + sum_i C_i max(0, 1 - y_i w~.x~_i)^2,   x~_i = (x_i, 1),
+
+with C_i = C * 2 for y_i = +1 and C for y_i = -1. The minimiser is unique, so any solver that reaches
+it reproduces liblinear wherever liblinear converges; where liblinear stops at max_iter its answer is
+an approximation of this optimum and the two can differ (the reference itself is not reproducible
+there, §1.6.3).
+
+Why it is fast. All the problems of one protocol share the rows X, so the solver works in the dual /
+kernel space of the n <= 5011 training rows, whatever the feature size: K~ = X X^T + 1 is computed
+once, and every (class, fold, cost) problem is a vector over the rows (w~ = X~^T beta). Rows a
+problem does not use (the validation fold, the rows a low-shot sample leaves out) get weight 0,
+and their decision values come out of the same products. Two stages:
+
+- Stage A (costs where every used row violates its margin, y o < 1, as at all small costs):
+  the optimum is the solution of one linear system (A + sigma_j I) u = b whose matrix differs
+  between costs only by the shift sigma_j = 1/(2 C_j). One Lanczos run per (class, fold) solves all
+  such costs at once (shifted systems share their Krylov space), with full reorthogonalisation.
+- Stage B (the rest): the generalised ("finite") Newton method of the squared hinge. Each Newton
+  point is the weighted ridge solution on the current active rows, (K_II + S_I^-1) beta_I = y_I.
+  A cost model picks how: Cholesky (padded batches for small sets; for big ones the factor is kept
+  and the next Newton steps, whose active sets change by a few rows, are solved exactly by bordering
+  it) or Jacobi-scaled CG (well-conditioned systems, loosely while the active set still moves,
+  and systems too big to factor). An exact line search on the piecewise-quadratic objective follows.
+  Costs are visited in ascending order; each problem starts from the lowest-objective candidate
+  among Stage A's all-active solution, the previous cost's optimum and the log-C extrapolation of
+  the last two optima.
+
+Everything is float64 torch, the same code on CPU and CUDA (GPU runs were not possible while this
+was written: no GPU was available; there is no fp32 path). On CPU, torch's OpenMP threads spin
+while they wait; on cores shared with other work that makes small tensor operations orders of
+magnitude slower, so set OMP_WAIT_POLICY=PASSIVE before torch is imported (the benchmark does).
+
+Certificate. The objective is 1-strongly convex in w~, so ||w~ - w~*|| <= ||grad f(w~)||: the
+solver stops when ||grad f|| <= tol * max(1, ||w~||), which bounds the relative error of the weights
+(and the decision values of unit-norm rows) by tol. The liblinear-style dual projected-gradient
+violation is reported too (liblinear stops when its spread is below its tol, 1e-4 by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+from protocols import voc_svm
+from protocols.voc_svm import SVMInputError
+
+LOG = logging.getLogger("densecl_bench.svm")
+
+DEFAULT_TOL = 1e-7  # certified relative error of w~ (and of unit-norm rows' decision values)
+POSITIVE_WEIGHT = float(voc_svm.CLASS_WEIGHT[1]) / float(voc_svm.CLASS_WEIGHT[-1])
+TIE_GAP = 1e-4  # CV scores closer than this make the chosen cost a tie (issue 11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names, devices and input checks
+
+
+def resolve_solver_device(name: str | torch.device | None = "cpu") -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' -> a torch.device; asking for CUDA without it is a one-line error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "cpu").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SVMInputError(f"unknown solver device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SVMInputError(f"solver device {name!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SVMInputError(f"solver device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif device.type != "cpu":
+        raise SVMInputError(f"unsupported solver device {name!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _check_tol(tol: float) -> float:
+    tol = float(tol)
+    if not math.isfinite(tol) or not 0 < tol < 1:
+        raise SVMInputError(f"solver tol must be in (0, 1), got {tol}")
+    return tol
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: problems in families on shared Gram matrices
+
+
+@dataclass
+class SolverSettings:
+    """Knobs of the engine; the defaults were chosen by measurement on 2 CPU cores (issue 11). They
+    change how fast the optimum is found, not which optimum (except `tol`, the certified accuracy)."""
+
+    tol: float = DEFAULT_TOL
+    max_newton: int = 60  # Newton iterations per cost level
+    lanczos_steps: int = 60  # Stage A Krylov dimension cap
+    cholesky_rows: int = 2200  # Newton systems up to this many active rows are factored, bigger ones use CG
+    batched_rows: int = 320  # factored ones up to this size are done in padded batches, without reuse
+    settled: float = 0.1  # a Newton step that moved at most this share of the active rows is factored
+    cg_kappa: float = 100.0  # Stage A keeps costs past the first invalid one only where 2 C lambda_2 is below this
+    matvec_rate: float = 3e10  # flop/s of one Gram product column (batched), for the factor-or-CG choice
+    factor_rate: float = 1.5e10  # flop/s of a Cholesky factorisation
+    cg_steps: int = 400  # CG iterations per Newton system before falling back to Cholesky
+    chunk_bytes: int = 1 << 30  # working-set cap per batch of problems
+
+
+@dataclass
+class Diagnostics:
+    """Per-problem convergence facts, flattened over the problems the caller asked for."""
+
+    grad_norm: np.ndarray  # ||grad f(w~)||, bounds ||w~ - w~*||
+    w_norm: np.ndarray  # ||w~||
+    dual_violation: np.ndarray  # liblinear-style max |projected gradient| of the dual
+    newton_iters: np.ndarray  # 0 for a Stage-A (all rows active, one linear system) solution
+    stage: np.ndarray  # 1 = Stage A, 2 = Stage B (Newton)
+    converged: np.ndarray  # grad_norm <= tol * max(1, w_norm), or exact active set within float rounding
+
+    def summary(self) -> dict[str, Any]:
+        rel = self.grad_norm / np.maximum(1.0, self.w_norm)
+        return {
+            "problems": int(rel.size),
+            "max_rel_grad": float(rel.max(initial=0.0)),
+            "max_dual_violation": float(self.dual_violation.max(initial=0.0)),
+            "max_newton_iters": int(self.newton_iters.max(initial=0)),
+            "mean_newton_iters": float(self.newton_iters.mean()) if self.newton_iters.size else 0.0,
+            "stage_a_share": float((self.stage == 1).mean()) if self.stage.size else 0.0,
+            "not_converged": int((~self.converged).sum()),
+        }
+
+
+def _concat_diagnostics(parts: Sequence[Diagnostics]) -> Diagnostics:
+    return Diagnostics(*(np.concatenate([getattr(p, f) for p in parts]) for f in Diagnostics.__dataclass_fields__))
+
+
+class _Gram:
+    """K~ of the rows each group of problems uses: one matrix for every group (`shared`) or one per group.
+
+    Families (problems that differ only in their cost) are kept sorted by group so a product with
+    per-group matrices is a loop over contiguous slices.
+    """
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks  # (G, n, n), symmetric
+        self.n = blocks.shape[-1]
+
+    def matvec(self, v: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Rows of `v` (P, n) times the Gram matrix of their group."""
+        if self.blocks.shape[0] == 1:
+            return v @ self.blocks[0]
+        out = torch.empty_like(v)
+        bounds = _group_bounds(group)
+        for g, start, stop in bounds:
+            out[start:stop] = v[start:stop] @ self.blocks[g]
+        return out
+
+
+def _group_bounds(group: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(group, start, stop) of each run of equal values in a sorted group vector."""
+    if group.numel() == 0:
+        return []
+    values, counts = torch.unique_consecutive(group.cpu(), return_counts=True)
+    stops = torch.cumsum(counts, 0).tolist()
+    starts = [0] + stops[:-1]
+    return list(zip(values.tolist(), starts, stops))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
+def _objective(beta: torch.Tensor, out: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """0.5 ||w~||^2 + 0.5 sum s max(0, 1 - y o)^2, with ||w~||^2 = beta . K beta = beta . o."""
+    margin = torch.clamp(1.0 - y * out, min=0.0)
+    return 0.5 * _rowdot(beta, out) + 0.5 * _rowdot(s, margin * margin)
+
+
+def _line_search(beta, out, dbeta, dout, y, s) -> torch.Tensor:
+    """Exact minimiser over t >= 0 of the convex piecewise-quadratic f(beta + t dbeta), per row.
+
+    f'(t) = a0 + a1 t - sum_i s_i c_i max(0, m_i - t c_i) (m = 1 - y o, c = y do) is piecewise
+    linear and nondecreasing; its pieces change where a row enters or leaves the active set, at
+    t_i = m_i / c_i. Sorting those events gives every piece, and the root is on the first piece
+    whose right end has f' >= 0.
+    """
+    a0, a1 = _rowdot(dbeta, out), _rowdot(dbeta, dout)
+    m, c = 1.0 - y * out, y * dout
+    used = (s > 0) & (c != 0)
+    on = used & (m > 0)
+    sc = s * c
+    base_a = a0 - _rowdot(torch.where(on, sc, 0.0), m)
+    base_b = a1 + _rowdot(torch.where(on, sc, 0.0), c)
+    turn_off = on & (c > 0)  # leaves the active set at m / c > 0
+    turn_on = used & (m <= 0) & (c < 0)  # joins it at m / c >= 0
+    event = turn_off | turn_on
+    tau = torch.where(event, m / torch.where(c != 0, c, 1.0), torch.inf)
+    sign = 2.0 * turn_off.to(s.dtype) - 1.0
+    da = torch.where(event, sign * sc * m, 0.0)
+    db = torch.where(event, -sign * sc * c, 0.0)
+    tau, order = torch.sort(tau, dim=-1)
+    da, db = torch.gather(da, 1, order), torch.gather(db, 1, order)
+    zero = torch.zeros_like(a0)[:, None]
+    ca = torch.cat([zero, torch.cumsum(da, -1)], -1) + base_a[:, None]  # piece k: f' = ca_k + cb_k t
+    cb = torch.cat([zero, torch.cumsum(db, -1)], -1) + base_b[:, None]
+    right = torch.cat([tau, torch.full_like(zero, torch.inf)], -1)  # right end of piece k
+    left = torch.cat([zero, tau], -1)
+    at_right = torch.where(torch.isfinite(right), ca + cb * torch.where(torch.isfinite(right), right, 0.0), torch.inf)
+    k = torch.argmax((at_right >= 0).to(torch.int8), dim=-1)  # first piece whose right end has f' >= 0
+    a_k, b_k = ca.gather(1, k[:, None])[:, 0], cb.gather(1, k[:, None])[:, 0]
+    lo, hi = left.gather(1, k[:, None])[:, 0], right.gather(1, k[:, None])[:, 0]
+    t = torch.where(b_k > 0, -a_k / torch.where(b_k > 0, b_k, 1.0), lo)
+    return torch.clamp(torch.minimum(torch.maximum(t, lo), hi), min=0.0)
+
+
+@dataclass
+class _Families:
+    """F families on a _Gram: each is one (rows, labels) problem to be solved at several costs."""
+
+    group: torch.Tensor  # (F,) long, sorted
+    y: torch.Tensor  # (F, n) +-1 (anything where d == 0)
+    d: torch.Tensor  # (F, n) class weight x row weight; 0 = the row is not in the problem
+    need: torch.Tensor  # (F, J) bool: which (family, cost) solutions are wanted
+
+
+@dataclass
+class _Solution:
+    beta: torch.Tensor  # (F, J, n)
+    out: torch.Tensor  # (F, J, n) decision values on every row of the Gram, used or not
+    grad_norm: torch.Tensor  # (F, J)
+    w_norm: torch.Tensor
+    dual_violation: torch.Tensor
+    newton: torch.Tensor  # (F, J) long
+    stage: torch.Tensor  # (F, J) long, 0 = not solved
+    converged: torch.Tensor  # (F, J) bool
+    lmax: torch.Tensor  # (F,) largest eigenvalue of D^1/2 K D^1/2 (Lanczos estimate)
+    lambda2: torch.Tensor  # (F,) its second largest (the top of the bulk under the bias/mean outlier)
+    tried: torch.Tensor  # (F, J) bool: Stage A reached this cost (its solution is valid or a warm start)
+
+
+def _dual_violation(beta, out, y, s) -> torch.Tensor:
+    """liblinear's stopping measure for the dual of problem p: max_i |PG_i| with alpha_i = y_i beta_i.
+
+    G_i = y_i o_i - 1 + alpha_i / s_i (s_i = 2 C_i); PG_i = G_i if alpha_i > 0 else min(G_i, 0).
+    """
+    used = s > 0
+    alpha = y * beta
+    grad = y * out - 1.0 + torch.where(used, alpha / torch.where(used, s, 1.0), 0.0)
+    pg = torch.where(alpha > 0, grad, torch.clamp(grad, max=0.0))
+    return torch.where(used, pg.abs(), 0.0).amax(-1)
+
+
+def _stage_a(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSettings, sol: _Solution) -> None:
+    """All-rows-active solutions for every cost from one Lanczos run per family (shifted systems).
+
+    With every used row active, the optimum solves (A + sigma I) u = b, A = D^1/2 K D^1/2, b = D^1/2 y,
+    beta = D^1/2 u, sigma = 1/(2C) (D = 2C-free row weights). It is the optimum iff every used row
+    still has y o < 1 there; otherwise Stage B starts from it.
+    """
+    fcount, n = fam.y.shape
+    dtype, device = fam.y.dtype, fam.y.device
+    root = torch.sqrt(fam.d)
+    b = root * fam.y
+    bnorm = torch.linalg.vector_norm(b, dim=-1)
+    sigma = 0.5 / costs  # (J,)
+    steps = max(1, min(st.lanczos_steps, n))
+    basis = torch.zeros(fcount, steps + 1, n, dtype=dtype, device=device)
+    images = torch.zeros(fcount, steps, n, dtype=dtype, device=device)  # K D^1/2 v_k on every row
+    alphas = torch.zeros(fcount, steps, dtype=dtype, device=device)
+    betas = torch.zeros(fcount, steps + 1, dtype=dtype, device=device)
+    basis[:, 0] = b / torch.clamp(bnorm, min=1e-300)[:, None]
+    live = torch.ones(fcount, dtype=torch.bool, device=device)  # families still iterating
+    arange_j = torch.arange(len(costs), device=device)
+    top = torch.where(fam.need, arange_j[None, :], -1).amax(-1)
+    wanted = arange_j[None, :] <= top[:, None]  # the whole path below a wanted cost: warm starts for Stage B
+    done = torch.zeros_like(fam.need)
+    checked = torch.zeros_like(fam.need)
+    invalid = torch.zeros_like(fam.need)
+    store = torch.zeros(fcount, len(costs), steps, dtype=dtype, device=device)  # Krylov coefficients per cost
+    eye = torch.eye(steps, dtype=dtype, device=device)
+
+    def shift_solutions(k: int, rows: torch.Tensor):
+        """Coefficients (len(rows), J, k) of the k-step solutions and their residual sizes."""
+        t = (torch.diag_embed(alphas[rows, :k]) + torch.diag_embed(betas[rows, 1:k], 1)
+             + torch.diag_embed(betas[rows, 1:k], -1))
+        mat = t[:, None] + sigma[None, :, None, None] * eye[:k, :k]
+        rhs = torch.zeros(len(rows), len(costs), k, 1, dtype=dtype, device=device)
+        rhs[:, :, 0, 0] = bnorm[rows, None]
+        coef = torch.linalg.solve(mat, rhs)[..., 0]
+        return coef, betas[rows, k, None] * coef[..., -1].abs()
+
+    exhausted = torch.zeros(fcount, dtype=torch.bool, device=device)
+    for k in range(steps):
+        grow_idx = torch.nonzero(live & ~exhausted).flatten()
+        if grow_idx.numel():
+            grow = slice(None) if grow_idx.numel() == fcount else grow_idx  # views, not copies, when all grow
+            v = basis[grow, k]
+            z = gram.matvec(root[grow] * v, fam.group[grow])
+            images[grow, k] = z
+            w = root[grow] * z
+            a = _rowdot(w, v)
+            alphas[grow, k] = a
+            w = w - a[:, None] * v
+            if k > 0:
+                w = w - betas[grow, k, None] * basis[grow, k - 1]
+            prev = basis[grow, : k + 1]
+            for _ in range(2):  # full reorthogonalisation, twice (the Gram spectra have big outliers)
+                w = w - torch.bmm(torch.bmm(prev, w[:, :, None]).transpose(1, 2), prev)[:, 0]
+            nb = torch.linalg.vector_norm(w, dim=-1)
+            betas[grow, k + 1] = nb
+            basis[grow, k + 1] = w / torch.clamp(nb, min=1e-300)[:, None]
+        rows = torch.nonzero(live).flatten()
+        if k < 1 or rows.numel() == 0:
+            if rows.numel() == 0:
+                break
+            continue
+        # The k-step solution u = V_k c has residual -beta_k c_k v_k, so with alpha_k = v_k' A v_k
+        # known, ||grad f|| = 2C ||D^1/2 r||_K = 2C beta_k |c_k| sqrt(alpha_k) exactly.
+        coef, res = shift_solutions(k, rows)
+        a_k = torch.where(exhausted[rows], 0.0, alphas[rows, k])
+        grad = 2 * costs[None, :] * res * torch.sqrt(torch.clamp(a_k, min=0.0))[:, None]
+        t = (torch.diag_embed(alphas[rows, :k]) + torch.diag_embed(betas[rows, 1:k], 1)
+             + torch.diag_embed(betas[rows, 1:k], -1))
+        wnorm = torch.sqrt(torch.clamp(torch.einsum("fjk,fkl,fjl->fj", coef, t, coef), min=0.0))
+        ok = (grad <= st.tol * torch.clamp(wnorm, min=1.0)) | exhausted[rows, None]
+        fresh = ok & wanted[rows] & ~done[rows]
+        if bool(fresh.any()):
+            hit = fresh.any(-1)
+            frows, fmask = rows[hit], fresh[hit]
+            store[frows, :, :k] = torch.where(fmask[..., None], coef[hit], store[frows, :, :k])
+            sol.grad_norm[frows] = torch.where(fmask, grad[hit], sol.grad_norm[frows])
+            sol.w_norm[frows] = torch.where(fmask, wnorm[hit], sol.w_norm[frows])
+            done[frows] |= fmask
+        live[rows] = (wanted[rows] & ~done[rows]).any(-1) & ~exhausted[rows]
+        exhausted |= live & (betas[:, k + 1] <= 1e-12 * torch.clamp(bnorm, min=1e-300))
+        if k % 4 == 3 or not bool(live.any()) or k == steps - 1:
+            # Validity: every used row must still violate its margin. The first invalid cost of a
+            # family makes all larger costs Stage B's, so its Lanczos run can stop early.
+            check = done & ~checked
+            fams = torch.nonzero(check.any(-1)).flatten()
+            for part in torch.split(fams, max(1, (256 << 20) // (8 * len(costs) * n))):
+                out = torch.bmm(store[part, :, :k + 1], images[part, :k + 1])
+                bad = ((fam.y[part, None] * out > 1.0) & (fam.d[part, None] > 0)).any(-1) & check[part]
+                invalid[part] |= bad
+                first_bad = torch.where(invalid[part], arange_j[None, :], len(costs)).amin(-1)
+                # Past the first invalid cost only the wanted costs that are still well conditioned
+                # are worth the Krylov steps (as warm starts for Stage B).
+                kk = k + 1
+                tri = (torch.diag_embed(alphas[part, :kk]) + torch.diag_embed(betas[part, 1:kk], 1)
+                       + torch.diag_embed(betas[part, 1:kk], -1))
+                ritz = torch.linalg.eigvalsh(tri)
+                lam2 = ritz[:, -2] if kk > 1 else ritz[:, -1]
+                cheap = 2 * costs[None, :] * lam2[:, None] <= st.cg_kappa
+                wanted[part] &= ~(arange_j[None, :] > first_bad[:, None]) | (fam.need[part] & cheap)
+            checked |= check
+            live &= (wanted & ~done).any(-1)
+    good = done & ~invalid
+    for part in torch.split(torch.arange(fcount, device=device), max(1, (256 << 20) // (8 * len(costs) * n))):
+        width = steps
+        sol.beta[part] = torch.where(done[part, :, None], root[part, None] * torch.bmm(store[part], basis[part, :width]),
+                                     sol.beta[part])
+        sol.out[part] = torch.where(done[part, :, None], torch.bmm(store[part], images[part, :width]), sol.out[part])
+    sol.stage[good] = 1
+    sol.converged |= good
+    sol.tried |= done
+    # Largest Ritz value of the final tridiagonal matrix: the top eigenvalue of A, for CG targets.
+    steps_done = int(torch.count_nonzero(alphas, dim=0).gt(0).sum())
+    tri = torch.diag_embed(alphas[:, :steps_done]) + torch.diag_embed(betas[:, 1:steps_done], 1) \
+        + torch.diag_embed(betas[:, 1:steps_done], -1)
+    ritz = torch.linalg.eigvalsh(tri) if steps_done else torch.ones(fcount, 1, dtype=dtype, device=device)
+    sol.lmax.copy_(ritz[:, -1])
+    sol.lambda2.copy_(ritz[:, -2] if ritz.shape[1] > 1 else ritz[:, -1])
+    # Families whose Krylov space ran out keep their unconverged costs for Stage B (from scratch).
+
+
+def _cholesky_points(gram: _Gram, group, y, s, act) -> torch.Tensor:
+    """Newton points beta_I = (K_II + S_I^-1)^-1 y_I by Cholesky, problems bucketed by active size."""
+    p, n = y.shape
+    result = torch.zeros_like(y)
+    sizes = act.sum(-1)
+    order = torch.argsort(sizes)
+    sizes_sorted = sizes[order].tolist()
+    start = 0
+    while start < p:
+        top = max(1, sizes_sorted[start])
+        stop = start + 1
+        limit = max(1, int((64 << 20) // (8 * top * top)))  # at most ~64 MB of padded matrices per call
+        while stop < p and stop - start < limit and sizes_sorted[stop] <= max(1.15 * top, top + 16):
+            stop += 1
+        idx = order[start:stop]
+        m = max(1, sizes_sorted[stop - 1])
+        a_mask = act[idx]
+        # Active row indices first, padded with index 0 (masked out below).
+        keys = torch.where(a_mask, torch.arange(n, device=y.device)[None, :], n + torch.arange(n, device=y.device)[None, :])
+        cols = torch.sort(keys, dim=-1).values[:, :m]
+        valid = cols < n
+        cols = torch.where(valid, cols, 0)
+        grp = group[idx]
+        blocks = gram.blocks
+        mats = blocks[grp[:, None, None], cols[:, :, None], cols[:, None, :]]
+        pair = valid[:, :, None] & valid[:, None, :]
+        mats = torch.where(pair, mats, 0.0)
+        s_sel = torch.gather(s[idx], 1, cols)
+        diag = torch.where(valid, 1.0 / torch.where(valid, s_sel, 1.0), 1.0)
+        mats.diagonal(dim1=-2, dim2=-1).add_(diag)
+        rhs = torch.where(valid, torch.gather(y[idx], 1, cols), 0.0)
+        chol, info = torch.linalg.cholesky_ex(mats)
+        if bool((info != 0).any()):  # cannot happen for s > 0 in exact arithmetic; be loud if it does
+            raise FloatingPointError("Newton system not positive definite (non-finite features?)")
+        x = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
+        x = torch.where(valid, x, 0.0)
+        res = torch.zeros(len(idx), n, dtype=y.dtype, device=y.device)
+        res.scatter_add_(1, cols, x)  # padded entries carry 0 and point at column 0
+        result[idx] = torch.where(a_mask, res, 0.0)
+        start = stop
+    return result
+
+
+class _FactorCache:
+    """Exact Newton points for big active sets, reusing a Cholesky factor across Newton iterations.
+
+    After the first Newton step of a cost the active set changes by a few rows per step. With the
+    factor L0 of M0 = K_00 + S_0^-1 on an earlier set I0, the system on I' = (I0 - R) + A is solved
+    exactly by bordering: the added rows A through a Schur complement of size |A|, the removed rows
+    R through |R| Lagrange multipliers (rows of M_J^-1 restricted to R). That costs O(|I0|^2 (|A| + |R|))
+    instead of O(|I'|^3 / 3) for a new factor; a new factor is made when the change gets large.
+    """
+
+    def __init__(self, gram: _Gram, refresh: float = 0.125) -> None:
+        self.gram = gram
+        self.refresh = refresh
+        self.base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.factorised_rows3 = 0.0  # sum of |I|^3 / 3 over new factors, for the log
+
+    def _factor(self, key: int, kmat: torch.Tensor, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        m = kmat[rows[:, None], rows[None, :]]
+        m.diagonal().add_(1.0 / s[rows])
+        chol, info = torch.linalg.cholesky_ex(m)
+        if int(info):
+            raise FloatingPointError("Newton system not positive definite (non-finite features?)")
+        self.base[key] = (rows, chol)
+        self.factorised_rows3 += len(rows) ** 3 / 3.0
+        return chol
+
+    def point(self, key: int, group: int, y: torch.Tensor, s: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """beta with beta_I = (K_II + S_I^-1)^-1 y_I on the active rows I, zero elsewhere."""
+        kmat = self.gram.blocks[group]
+        rows = torch.nonzero(act).flatten()
+        beta = torch.zeros_like(y)
+        if rows.numel() == 0:
+            return beta
+        old = self.base.get(key)
+        if old is not None:
+            base_rows, chol = old
+            keep = act[base_rows]
+            in_base = torch.zeros_like(act)
+            in_base[base_rows] = True
+            added = torch.nonzero(act & ~in_base).flatten()
+            removed = base_rows[~keep]
+            if len(added) + len(removed) <= self.refresh * len(base_rows):
+                beta[:] = self._bordered(kmat, base_rows, chol, added, removed, y, s)
+                return beta
+        chol = self._factor(key, kmat, rows, s)
+        beta[rows] = torch.cholesky_solve(y[rows, None], chol)[:, 0]
+        return beta
+
+    def _bordered(self, kmat, base_rows, chol, added, removed, y, s) -> torch.Tensor:
+        n0 = len(base_rows)
+        joint = torch.cat([base_rows, added])
+        if len(added):
+            cross = kmat[base_rows[:, None], added[None, :]]
+            z = torch.linalg.solve_triangular(chol, cross, upper=False)
+            corner = kmat[added[:, None], added[None, :]]
+            corner.diagonal().add_(1.0 / s[added])
+            schur = corner - z.T @ z
+            schur_chol, info = torch.linalg.cholesky_ex(schur)
+            if int(info):
+                raise FloatingPointError("bordered Newton system not positive definite")
+
+        def solve(rhs: torch.Tensor) -> torch.Tensor:  # M_J^-1 rhs, rhs (|J|, m)
+            g0 = torch.linalg.solve_triangular(chol, rhs[:n0], upper=False)
+            if not len(added):
+                return torch.linalg.solve_triangular(chol.T, g0, upper=True)
+            za = torch.cholesky_solve(rhs[n0:] - z.T @ g0, schur_chol)
+            z0 = torch.linalg.solve_triangular(chol.T, g0 - z @ za, upper=True)
+            return torch.cat([z0, za])
+
+        rhs = y[joint].clone()
+        if len(removed):
+            at = torch.nonzero(torch.isin(base_rows, removed)).flatten()  # positions of R in J
+            rhs[at] = 0.0
+            unit = torch.zeros(len(joint), len(removed), dtype=y.dtype, device=y.device)
+            unit[at, torch.arange(len(removed), device=y.device)] = 1.0
+            both = solve(torch.cat([rhs[:, None], unit], 1))
+            x, w = both[:, 0], both[:, 1:]
+            lam = torch.linalg.solve(w[at], -x[at])
+            x = x + w @ lam
+            x[at] = 0.0
+        else:
+            x = solve(rhs[:, None])[:, 0]
+        beta = torch.zeros_like(y)
+        beta[joint] = x
+        return beta
+
+
+def _cg_points(gram: _Gram, group, y, s, d, cost, act, beta0, target, steps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton points by Jacobi-scaled CG on (D^1/2 K_II D^1/2 + sigma I) u = D^1/2 y_I, warm-started.
+
+    Returns (beta, converged flag per problem).
+    """
+    root = torch.sqrt(d) * act
+    sigma = (0.5 / cost)[:, None]
+    b = root * y
+    x = torch.where(act, beta0 / torch.where(act, root, 1.0), 0.0)
+
+    def apply(v):
+        return root * gram.matvec(root * v, group) + sigma * v * act
+
+    r = b - apply(x)
+    p = r.clone()
+    rr = _rowdot(r, r)
+    # No gradient known yet (first Newton step): a loose solve, 1/5 of the initial residual.
+    target = torch.where(torch.isfinite(target), target, 0.2 * torch.sqrt(rr))
+    ok = torch.sqrt(rr) <= target
+    for _ in range(steps):
+        if bool(ok.all()):
+            break
+        q = apply(p)
+        alpha = rr / torch.clamp(_rowdot(p, q), min=1e-300)
+        alpha = torch.where(ok, 0.0, alpha)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * q
+        rr_new = _rowdot(r, r)
+        ok = ok | (torch.sqrt(rr_new) <= target)
+        p = r + (rr_new / torch.clamp(rr, min=1e-300))[:, None] * p
+        rr = rr_new
+    return root * x, ok
+
+
+def _stage_b(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSettings, sol: _Solution,
+             bar: tqdm | None) -> None:
+    """Finite Newton along ascending costs for every wanted (family, cost) Stage A did not settle."""
+    fcount, jcount = fam.need.shape
+    device = fam.y.device
+    jidx = torch.arange(jcount, device=device)
+    top = torch.where(fam.need, jidx[None, :], -1).amax(-1)  # highest wanted cost per family
+    for j in range(jcount):
+        # A level on the path that nobody asked for is solved only as a warm start for the next
+        # wanted one, and only if Stage A left no all-active solution at that next level to start from.
+        later = fam.need & (jidx[None, :] > j)
+        nxt = torch.where(later, jidx[None, :], jcount).amin(-1).clamp(max=jcount - 1)
+        has_start = sol.tried[torch.arange(fcount, device=device), nxt]
+        todo = (jidx[j] <= top) & (sol.stage[:, j] == 0) & (fam.need[:, j] | ~has_start)
+        fams = torch.nonzero(todo).flatten()
+        if fams.numel() == 0:
+            continue
+        y, d, group = fam.y[fams], fam.d[fams], fam.group[fams]
+        s = 2 * costs[j] * d
+        cost = costs[j].expand(len(fams))
+        # Warm start: the lowest-objective candidate among 0, Stage A's (invalid) solution at this
+        # cost and the best solution at the nearest lower cost that is solved.
+        beta = torch.zeros_like(y)
+        out = torch.zeros_like(y)
+        best = _objective(beta, out, y, s)
+        cands = [(sol.beta[fams, j], sol.out[fams, j])]
+        prev = torch.where(sol.stage[fams, :j] > 0, jidx[None, :j], -1).amax(-1) if j else torch.full_like(fams, -1)
+        has_prev = prev >= 0
+        safe = torch.clamp(prev, min=0)
+        cands.append((torch.where(has_prev[:, None], sol.beta[fams, safe], 0.0),
+                      torch.where(has_prev[:, None], sol.out[fams, safe], 0.0)))
+        # ... and the solution path extrapolated in log C from the two nearest solved lower costs
+        # (outputs are linear in beta, so the candidate's outputs come for free).
+        solved_below = torch.where(sol.stage[fams, :j] > 0, jidx[None, :j], -1) if j else None
+        if j >= 2:
+            prev2 = torch.where(solved_below < prev[:, None], solved_below, -1).amax(-1)
+            ok2 = has_prev & (prev2 >= 0)
+            s2 = torch.clamp(prev2, min=0)
+            lc, l1, l2 = torch.log(costs[j]), torch.log(costs[safe]), torch.log(costs[s2])
+            ratio = torch.where(ok2, (lc - l1) / torch.clamp(l1 - l2, min=1e-12), 0.0)[:, None]
+            ratio = torch.clamp(ratio, max=2.0)
+            cands.append((torch.where(ok2[:, None], sol.beta[fams, safe] + ratio * (sol.beta[fams, safe] - sol.beta[fams, s2]), 0.0),
+                          torch.where(ok2[:, None], sol.out[fams, safe] + ratio * (sol.out[fams, safe] - sol.out[fams, s2]), 0.0)))
+        for cb, co in cands:
+            f = _objective(cb, co, y, s)
+            better = f < best
+            beta = torch.where(better[:, None], cb, beta)
+            out = torch.where(better[:, None], co, out)
+            best = torch.where(better, f, best)
+        iters = torch.zeros(len(fams), dtype=torch.long, device=device)
+        live = torch.ones(len(fams), dtype=torch.bool, device=device)
+        gnorm = torch.full((len(fams),), float("inf"), dtype=y.dtype, device=device)
+        wnorm = torch.zeros(len(fams), dtype=y.dtype, device=device)
+        exact = torch.zeros(len(fams), dtype=torch.bool, device=device)
+        last_act = torch.zeros_like(y, dtype=torch.bool)
+        gain = 2 * costs[j] * torch.sqrt(torch.clamp(sol.lmax[fams], min=1e-300))  # ||grad|| <= gain ||r_CG||
+        counts = {"cholesky": 0, "cg": 0, "cg_fallback": 0}
+        cache = _FactorCache(gram)
+        level_cpu = time.process_time()
+        for it in range(st.max_newton + 1):
+            rows = torch.nonzero(live).flatten()
+            if rows.numel() == 0:
+                break
+            yb, sb, ob, bb, gb = y[rows], s[rows], out[rows], beta[rows], group[rows]
+            act = (1.0 - yb * ob > 0) & (sb > 0)
+            # An exact (Cholesky) Newton point that kept the active set it was computed on IS the
+            # optimum up to rounding: no gradient needed to stop it (it is certified at the end).
+            conv = exact[rows].clone()
+            check = ~conv
+            if bool(check.any()):
+                ci = torch.nonzero(check).flatten()
+                gamma = bb[ci] - torch.where(act[ci], sb[ci] * (yb[ci] - ob[ci]), 0.0)
+                gn = torch.sqrt(torch.clamp(_rowdot(gamma, gram.matvec(gamma, gb[ci])), min=0.0))
+                wn = torch.sqrt(torch.clamp(_rowdot(bb[ci], ob[ci]), min=0.0))
+                gnorm[rows[ci]], wnorm[rows[ci]] = gn, wn
+                conv[ci] = gn <= st.tol * torch.clamp(wn, min=1.0)
+            if it == st.max_newton:
+                conv = torch.ones_like(conv)
+            live[rows] = ~conv
+            keep = ~conv
+            rows, act = rows[keep], act[keep]
+            if rows.numel() == 0:
+                break
+            gn, wn = gnorm[rows], wnorm[rows]
+            yb, sb, ob, bb, gb, db = y[rows], s[rows], out[rows], beta[rows], group[rows], d[rows]
+            iters[rows] += 1
+            sizes = act.sum(-1)
+            # Factor (exactly) once the active set has settled; while it still moves a lot, a loose CG
+            # step finds the next one as well, at a fraction of the cost of a factorisation.
+            moved = (act != last_act[rows]).sum(-1)
+            settled = moved <= st.settled * torch.clamp(sizes, min=1)
+            last_act[rows] = act
+            # Factor or CG, whichever the cost model says is cheaper: CG needs about
+            # 12 sqrt(kappa) products for 1e-10 (a quarter of that while the active set still moves),
+            # kappa ~ 1 + 2 C lambda_2 after the Jacobi scaling; a factor costs |I|^3 / 3.
+            kappa = 1 + 2 * cost[rows] * sol.lambda2[fams[rows]]
+            steps = 12 * torch.sqrt(kappa) * torch.where(settled, 1.0, 0.25)
+            cg_cost = steps * 2.0 * gram.n ** 2 / st.matvec_rate
+            factor_cost = sizes.double() ** 3 / 3 / st.factor_rate
+            small = (sizes <= st.batched_rows) | ((factor_cost <= cg_cost) & (sizes <= st.cholesky_rows))
+            point = torch.zeros_like(bb)
+            was_exact = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            if bool((~small).any()):
+                big = torch.nonzero(~small).flatten()
+                loose = torch.where(settled[big], 0.05, 0.2)
+                goal = torch.maximum(0.3 * st.tol * torch.clamp(wn[big], min=1.0), loose * gn[big])
+                pts, ok = _cg_points(gram, gb[big], yb[big], sb[big], db[big], cost[rows[big]], act[big], bb[big],
+                                     goal / gain[rows[big]], st.cg_steps)
+                point[big] = pts
+                small[big[~ok]] = True  # CG too slow for these: factor them instead
+                counts["cg"] += int(ok.sum())
+                counts["cg_fallback"] += int((~ok).sum())
+            if bool(small.any()):
+                sm = torch.nonzero(small).flatten()
+                tiny = sizes[sm] <= st.batched_rows
+                if bool(tiny.any()):
+                    tm = sm[tiny]
+                    point[tm] = _cholesky_points(gram, gb[tm], yb[tm], sb[tm], act[tm])
+                for i in sm[~tiny].tolist():
+                    point[i] = cache.point(int(rows[i]), int(gb[i]), yb[i], sb[i], act[i])
+                was_exact[sm] = True
+                counts["cholesky"] += len(sm)
+            dbeta = point - bb
+            dout = gram.matvec(dbeta, gb)
+            # An exact Newton point that keeps its active set is the optimum: take it whole.
+            same = was_exact & (((1.0 - yb * (ob + dout) > 0) & (sb > 0)) == act).all(-1)
+            t = torch.where(same, 1.0, _line_search(bb, ob, dbeta, dout, yb, sb))
+            beta[rows] = bb + t[:, None] * dbeta
+            out[rows] = ob + t[:, None] * dout
+            exact[rows] = same
+        LOG.debug("stage B cost %.4g: %d problems, Newton iterations max %d mean %.2f, %s, new factors %.1f GFLOP, %.1f CPU-s",
+                  float(costs[j]), len(fams), int(iters.max()), float(iters.double().mean()), counts,
+                  cache.factorised_rows3 / 1e9, time.process_time() - level_cpu)
+        # Certificate for every problem of the level: ||grad f|| and ||w~|| at the final point.
+        act = (1.0 - y * out > 0) & (s > 0)
+        gamma = beta - torch.where(act, s * (y - out), 0.0)
+        gnorm = torch.sqrt(torch.clamp(_rowdot(gamma, gram.matvec(gamma, group)), min=0.0))
+        wnorm = torch.sqrt(torch.clamp(_rowdot(beta, out), min=0.0))
+        stalled = gnorm > st.tol * torch.clamp(wnorm, min=1.0)
+        sol.beta[fams, j], sol.out[fams, j] = beta, out
+        sol.grad_norm[fams, j], sol.w_norm[fams, j] = gnorm, wnorm
+        sol.newton[fams, j] = iters
+        sol.stage[fams, j] = 2
+        # "exact" stops are at the float-rounding floor of the factorisation; accept them within 1e3 x tol.
+        sol.converged[fams, j] = ~stalled | (gnorm <= 1e3 * st.tol * torch.clamp(wnorm, min=1.0))
+        if bar is not None:
+            bar.update(int(fam.need[fams, j].sum()))
+
+
+def _solve_families(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSettings,
+                    bar: tqdm | None = None) -> _Solution:
+    """Every wanted (family, cost): Stage A for the all-active ones, Stage B for the rest (costs ascending)."""
+    fcount, n = fam.y.shape
+    jcount = len(costs)
+    if bool((costs[1:] < costs[:-1]).any()):
+        raise ValueError("costs must be ascending")
+    kw = {"dtype": fam.y.dtype, "device": fam.y.device}
+    sol = _Solution(
+        beta=torch.zeros(fcount, jcount, n, **kw), out=torch.zeros(fcount, jcount, n, **kw),
+        grad_norm=torch.zeros(fcount, jcount, **kw), w_norm=torch.zeros(fcount, jcount, **kw),
+        dual_violation=torch.zeros(fcount, jcount, **kw),
+        newton=torch.zeros(fcount, jcount, dtype=torch.long, device=fam.y.device),
+        stage=torch.zeros(fcount, jcount, dtype=torch.long, device=fam.y.device),
+        converged=torch.zeros(fcount, jcount, dtype=torch.bool, device=fam.y.device),
+        lmax=torch.zeros(fcount, **kw), lambda2=torch.zeros(fcount, **kw),
+        tried=torch.zeros(fcount, jcount, dtype=torch.bool, device=fam.y.device),
+    )
+    cpu = time.process_time()
+    _stage_a(gram, fam, costs, st, sol)
+    LOG.debug("stage A: %d families, %.1f CPU-s, %d of %d wanted problems settled", fcount, time.process_time() - cpu,
+              int((fam.need & (sol.stage == 1)).sum()), int(fam.need.sum()))
+    if bar is not None:
+        bar.update(int((fam.need & (sol.stage == 1)).sum()))
+    _stage_b(gram, fam, costs, st, sol, bar)
+    for j in range(jcount):  # liblinear's own stopping measure, for the record
+        sol.dual_violation[:, j] = _dual_violation(sol.beta[:, j], sol.out[:, j], fam.y, 2 * costs[j] * fam.d)
+    return sol
+
+
+# ----------------------------------------------------------------------------------------------
+# The public core: many problems on one X
+
+
+def solve_squared_hinge(
+    x: np.ndarray,
+    y: np.ndarray,
+    costs: Sequence[float] | np.ndarray,
+    row_weights: np.ndarray | None = None,
+    positive_weight: float = POSITIVE_WEIGHT,
+    device: str | torch.device = "cpu",
+    settings: SolverSettings | None = None,
+) -> dict[str, np.ndarray]:
+    """Exact solutions of P problems that share the rows x (N x D, used as given):
+
+        minimise 0.5 (||w||^2 + b^2) + C_p sum_i r_pi c_pi max(0, 1 - y_pi (w . x_i + b))^2,
+
+    c_pi = positive_weight where y_pi = +1 else 1, r_pi = row_weights (0 drops row i from problem p,
+    e.g. a CV validation fold). This is LinearSVC(C_p, class_weight={1: positive_weight, -1: 1},
+    loss='squared_hinge', dual=True, intercept_scaling=1) on the rows with r_pi = 1 (liblinear
+    regularises the bias). Problems with the same (y, r) row are solved together along their costs.
+
+    Returns w (P x D), b (P,), decision values on every row (P x N) and the per-problem diagnostics
+    (grad_norm bounds ||(w, b) - optimum||; see the module docstring).
+    """
+    st = settings or SolverSettings()
+    _check_tol(st.tol)
+    x = np.asarray(x)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise SVMInputError(f"x must be a numeric N x D matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise SVMInputError("features contain NaN or infinity")
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    if y.shape[1] != x.shape[0] or not np.isin(y, (-1.0, 1.0)).all():
+        raise SVMInputError(f"y must be P x {x.shape[0]} labels in {{-1, +1}}, got shape {y.shape}")
+    cost_arr = np.asarray(voc_svm._check_costs(np.ravel(costs)), dtype=np.float64)
+    if cost_arr.size != y.shape[0]:
+        raise SVMInputError(f"got {cost_arr.size} costs for {y.shape[0]} problems")
+    r = np.ones_like(y) if row_weights is None else np.atleast_2d(np.asarray(row_weights, dtype=np.float64))
+    if r.shape != y.shape or not np.isfinite(r).all() or (r < 0).any():
+        raise SVMInputError(f"row_weights must be finite, >= 0 and shaped like y {y.shape}, got {r.shape}")
+    if not (r > 0).any(axis=1).all():
+        raise SVMInputError("every problem needs at least one row with a positive weight")
+    if not math.isfinite(positive_weight) or positive_weight <= 0:
+        raise SVMInputError(f"positive_weight must be a positive number, got {positive_weight}")
+    dev = resolve_solver_device(device)
+    keys, family = np.unique(np.concatenate([y, r], axis=1), axis=0, return_inverse=True)
+    family = family.ravel()
+    ascending, level = np.unique(cost_arr, return_inverse=True)
+    need = np.zeros((len(keys), len(ascending)), dtype=bool)
+    need[family, level] = True
+    xt = _to_device(x, dev)
+    gram = _Gram(_gram(xt)[None])
+    fy = _to_device(keys[:, : x.shape[0]], dev)
+    weight = torch.where(fy > 0, torch.full_like(fy, float(positive_weight)), torch.ones_like(fy))
+    fam = _Families(group=torch.zeros(len(keys), dtype=torch.long, device=dev), y=fy,
+                    d=weight * _to_device(keys[:, x.shape[0]:], dev), need=torch.from_numpy(need).to(dev))
+    sol = _solve_families(gram, fam, torch.from_numpy(ascending).to(dev), st)
+    f_t, j_t = torch.from_numpy(family).to(dev), torch.from_numpy(level).to(dev)
+    beta = sol.beta[f_t, j_t]
+    return {
+        "w": (beta @ xt).cpu().numpy(),
+        "b": beta.sum(-1).cpu().numpy(),
+        "decision": sol.out[f_t, j_t].cpu().numpy(),
+        "grad_norm": sol.grad_norm[f_t, j_t].cpu().numpy(),
+        "w_norm": sol.w_norm[f_t, j_t].cpu().numpy(),
+        "dual_violation": sol.dual_violation[f_t, j_t].cpu().numpy(),
+        "newton_iters": sol.newton[f_t, j_t].cpu().numpy(),
+        "stage": sol.stage[f_t, j_t].cpu().numpy(),
+        "converged": sol.converged[f_t, j_t].cpu().numpy(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces of the protocol twins
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=torch.float64)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """K~ = X X^T + 1 (liblinear's bias feature, intercept_scaling = 1)."""
+    k = x @ x.T
+    k += 1.0
+    return k
+
+
+def _class_weights(y: torch.Tensor) -> torch.Tensor:
+    """Per-row class weight of class_weight={1: 2, -1: 1}, in y's dtype (float64: no float32 scalars)."""
+    return torch.where(y > 0, torch.full_like(y, POSITIVE_WEIGHT), torch.ones_like(y))
+
+
+def _cost_order(costs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending unique costs and, per cost of the list, its index among them."""
+    unique, position = np.unique(np.asarray(costs, dtype=np.float64), return_inverse=True)
+    return unique, position
+
+
+def _ties(cv: np.ndarray, names: Sequence[str], costs: Sequence[float]) -> list[dict[str, Any]]:
+    """Classes whose two best CV scores are closer than TIE_GAP: their chosen cost is fragile."""
+    ties = []
+    for c, name in enumerate(names):
+        order = np.argsort(-cv[c], kind="stable")
+        if len(order) > 1 and cv[c, order[0]] - cv[c, order[1]] < TIE_GAP:
+            ties.append({"class": name, "costs": [costs[order[0]], costs[order[1]]],
+                         "cv_ap": [float(cv[c, order[0]]), float(cv[c, order[1]])]})
+    return ties
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="fit", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _diagnostics(sol: _Solution, mask: torch.Tensor) -> Diagnostics:
+    pick = mask.nonzero(as_tuple=True)
+    as_np = {name: getattr(sol, name)[pick].cpu().numpy() for name in
+             ("grad_norm", "w_norm", "dual_violation", "newton", "stage", "converged")}
+    return Diagnostics(as_np["grad_norm"], as_np["w_norm"], as_np["dual_violation"], as_np["newton"],
+                       as_np["stage"], as_np["converged"])
+
+
+def _warn_unconverged(diag: Diagnostics, what: str) -> None:
+    missing = int((~diag.converged).sum())
+    if missing:
+        LOG.warning("%s: %d of %d problems did not reach the solver tolerance (max relative gradient %.2e)",
+                    what, missing, diag.converged.size, diag.summary()["max_rel_grad"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Full protocol
+
+
+def train_and_test_svm_batched(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    cfg: voc_svm.SVMConfig | None = None,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    desc: str = "VOC07 SVM (batched)",
+    device: str | torch.device = "cpu",
+    settings: SolverSettings | None = None,
+) -> dict[str, Any]:
+    """Twin of `voc_svm.train_and_test_svm` (§7): the same CV folds, scores, selection and test AP,
+    with every fit solved exactly by the batched solver. cfg.max_iter / cfg.tol / cfg.seed / cfg.workers
+    are liblinear's and do not apply (the solver's own tolerance is `settings.tol`)."""
+    cfg = cfg or voc_svm.SVMConfig()
+    st = settings or SolverSettings()
+    _check_tol(st.tol)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train_y, test_y = voc_svm._check_inputs(train_x, train_y, test_x, test_y)
+    names = voc_svm._class_names(train_y.shape[1], class_names)
+    costs = voc_svm._check_costs(cfg.costs)
+    if cfg.folds < 2:
+        raise SVMInputError(f"folds must be >= 2, got {cfg.folds}")
+    voc_svm._require_trainable(train_y, names)
+    voc_svm._require_test_positives(test_y, names)
+    dev = resolve_solver_device(device)
+    n_classes, n_costs, n = train_y.shape[1], len(costs), train_y.shape[0]
+    ascending, position = _cost_order(costs)
+
+    other_warnings: set[str] = set()
+    signed = np.where(train_y == 1, 1, -1).astype(np.int32)  # §1.4: difficult rows train as negatives
+    splits = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for c in range(n_classes):  # §7.2: unshuffled StratifiedKFold over the class's +-1 labels
+            splits.append(list(StratifiedKFold(n_splits=cfg.folds).split(np.zeros(n), signed[:, c])))
+    other_warnings |= {f"{w.category.__name__}: {w.message}" for w in caught}
+    for c, name in enumerate(names):
+        for f, (fit_rows, _) in enumerate(splits[c]):
+            if len(np.unique(signed[fit_rows, c])) < 2:  # liblinear (sklearn) refuses such a fold too
+                raise SVMInputError(f"class {name!r}: CV fold {f + 1} of {cfg.folds} trains on one label only "
+                                    "(too few positives for the folds)")
+
+    x = _to_device(voc_svm.normalise_features(train_x), dev)
+    x_test = _to_device(voc_svm.normalise_features(test_x), dev)
+    gram = _Gram(_gram(x)[None])
+    prepared = time.perf_counter()
+
+    y_all = _to_device(signed.T.astype(np.float64), dev)  # (classes, n)
+    weight = _class_weights(y_all)
+    fam_class, fam_fold, d_rows = [], [], []
+    for c in range(n_classes):
+        for f, (fit_rows, _) in enumerate(splits[c]):
+            mask = torch.zeros(n, dtype=torch.float64, device=dev)
+            mask[torch.from_numpy(fit_rows).to(dev)] = 1.0
+            fam_class.append(c)
+            fam_fold.append(f)
+            d_rows.append(weight[c] * mask)
+    fam_class_t = torch.tensor(fam_class, device=dev)
+    fam = _Families(group=torch.zeros(len(fam_class), dtype=torch.long, device=dev), y=y_all[fam_class_t],
+                    d=torch.stack(d_rows), need=torch.ones(len(fam_class), len(ascending), dtype=torch.bool, device=dev))
+    total_fits = len(fam_class) * n_costs + n_classes
+    with _progress(total_fits, desc, progress) as bar:
+        cv_sol = _solve_families(gram, fam, torch.from_numpy(ascending).to(dev), st, bar)
+        cv_ap = np.full((n_classes, n_costs), np.nan)
+        fold_ap = np.zeros((n_classes, cfg.folds, len(ascending)))
+        out = cv_sol.out.cpu().numpy()  # decision values on every row: the validation rows' are the CV scores
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, (c, f) in enumerate(zip(fam_class, fam_fold)):
+                val = splits[c][f][1]
+                for j in range(len(ascending)):
+                    fold_ap[c, f, j] = average_precision_score(signed[val, c], out[i, j, val])
+        other_warnings |= {f"{w.category.__name__}: {w.message}" for w in caught}
+        cv_ap[:] = fold_ap.mean(axis=1)[:, position]
+        chosen = np.argmax(cv_ap, axis=1)  # §7.3: first maximum wins, costs in list order
+
+        need = torch.zeros(n_classes, len(ascending), dtype=torch.bool, device=dev)
+        need[torch.arange(n_classes), torch.from_numpy(position[chosen]).to(dev)] = True
+        refit = _Families(group=torch.zeros(n_classes, dtype=torch.long, device=dev), y=y_all,
+                          d=weight.clone(), need=need)
+        fit_sol = _solve_families(gram, refit, torch.from_numpy(ascending).to(dev), st, bar)
+    idx = torch.arange(n_classes, device=dev)
+    beta = fit_sol.beta[idx, torch.from_numpy(position[chosen]).to(dev)]  # (classes, n)
+    w = beta @ x  # w~ = X~^T beta: weights and bias
+    bias = beta.sum(-1)
+    scores = (x_test @ w.T + bias).cpu().numpy()
+    test_ap = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        keep = test_y[:, c] != -1  # §1.5: difficult test rows are dropped
+        test_ap[c] = voc_svm.interpolated_ap(scores[keep, c], test_y[keep, c])
+    finished = time.perf_counter()
+
+    diag = _concat_diagnostics([_diagnostics(cv_sol, fam.need), _diagnostics(fit_sol, need)])
+    _warn_unconverged(diag, desc)
+    messages = sorted(other_warnings)
+    for message in messages:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return {
+        "protocol": "voc07_svm",
+        "mAP": 100.0 * float(np.mean(test_ap)),
+        "ap": {name: 100.0 * float(test_ap[c]) for c, name in enumerate(names)},
+        "chosen_cost": {name: costs[chosen[c]] for c, name in enumerate(names)},
+        "chosen_cost_index": [int(j) for j in chosen],
+        "cv_ap": cv_ap.tolist(),
+        "classes": names,
+        "costs": list(costs),
+        "fits": total_fits,
+        "convergence_warnings": int((~diag.converged).sum()),
+        "other_warnings": messages,
+        "workers": 1,
+        "config": asdict(cfg),
+        "timings": {"prepare_s": prepared - started, "fit_s": finished - prepared, "total_s": finished - started,
+                    "cpu_s": time.process_time() - cpu_started},
+        "solver": "batched",
+        "device": str(dev),
+        "ties": _ties(cv_ap, names, costs),
+        "solver_diagnostics": {**diag.summary(), "tol": st.tol, "settings": asdict(st)},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-shot protocol
+
+
+def _use_blocks(n_rows: int, n_all: int) -> bool:
+    """Per-family Gram blocks (memory-bound products) beat masked products with the whole Gram
+    matrix (compute-bound) for small row sets; measured crossover near a fifth of the rows."""
+    return n_rows * 5 <= n_all
+
+
+def run_low_shot_batched(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    cfg: voc_svm.LowShotConfig | None = None,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    desc: str = "VOC07 low-shot SVM (batched)",
+    device: str | torch.device = "cpu",
+    settings: SolverSettings | None = None,
+) -> dict[str, Any]:
+    """Twin of `voc_svm.run_low_shot` (§1.7, §7 low-shot): same samples, fits on the sampled rows
+    only, test AP per cost, same aggregation; every fit solved exactly by the batched solver."""
+    cfg = cfg or voc_svm.LowShotConfig()
+    st = settings or SolverSettings()
+    _check_tol(st.tol)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train_y, test_y = voc_svm._check_inputs(train_x, train_y, test_x, test_y)
+    names = voc_svm._class_names(train_y.shape[1], class_names)
+    costs = voc_svm._check_costs(cfg.costs)
+    ks, seed = voc_svm._check_ks(cfg.ks), voc_svm._check_seed(cfg.seed)
+    sample_ids = list(voc_svm._check_sample_count(cfg.samples))
+    voc_svm._require_test_positives(test_y, names)
+    dev = resolve_solver_device(device)
+    if cfg.sample_dir:
+        samples = voc_svm.read_fair_samples(cfg.sample_dir, train_y, ks, cfg.samples, cfg.negatives_per_positive)
+        source = f"FAIR-format files in {cfg.sample_dir}"
+    else:
+        samples = voc_svm.low_shot_samples(train_y, ks, cfg.samples, seed, cfg.negatives_per_positive, names)
+        source = f"generated: numpy default_rng([seed={seed}, sample, k, class])"
+
+    x = _to_device(voc_svm.normalise_features(train_x), dev)
+    x_test = _to_device(voc_svm.normalise_features(test_x), dev)
+    n, n_classes, n_costs = x.shape[0], train_y.shape[1], len(costs)
+    gram_all = _gram(x)
+    test_gram = x @ x_test.T  # (train rows, test rows); + 1 for the bias is added per product
+    test_gram += 1.0
+    del x, x_test
+    ascending, position = _cost_order(costs)
+    cost_t = torch.from_numpy(ascending).to(dev)
+    test_keep = (test_y != -1).T  # (classes, test rows)
+    prepared = time.perf_counter()
+    LOG.debug("low-shot: features and Gram matrices %.1f s", prepared - started)
+
+    test_ap = np.full((len(sample_ids), len(ks), n_costs, n_classes), np.nan)
+    diags: list[Diagnostics] = []
+    total = len(sample_ids) * len(ks) * n_classes * n_costs
+    with _progress(total, desc, progress) as bar:
+        for ki, k in enumerate(ks):
+            keys = [(si, c) for si in range(len(sample_ids)) for c in range(n_classes)]
+            rows = [np.flatnonzero(samples[(sample_ids[si], k)][:, c] != -1) for si, c in keys]
+            size = max(len(r) for r in rows)
+            blocks = _use_blocks(size, n)
+            per_family = (8 * size * size) if blocks else 0
+            per_family += 8 * n_costs * (n if not blocks else size) * 4
+            step = max(1, int(st.chunk_bytes // max(1, per_family)))
+            for start in range(0, len(keys), step):
+                part = range(start, min(len(keys), start + step))
+                diags.append(_low_shot_chunk(
+                    [keys[i] for i in part], [rows[i] for i in part], samples, sample_ids, k, ki, blocks,
+                    gram_all, test_gram, test_y, test_keep, cost_t, position, test_ap, st, bar, dev))
+    finished = time.perf_counter()
+    diag = _concat_diagnostics(diags)
+    _warn_unconverged(diag, desc)
+    test_map = test_ap.mean(axis=-1)  # §7 low-shot 3: mean over classes -> samples x ks x costs
+    return {
+        "protocol": "voc07_lowshot",
+        "per_k": voc_svm._aggregate_low_shot(test_map, ks, costs),
+        "test_map": test_map.tolist(),
+        "cost_selection": voc_svm.LOW_SHOT_COST_SELECTION,
+        "samples_source": source,
+        "sample_ids": sample_ids,
+        "ks": list(ks),
+        "classes": names,
+        "costs": list(costs),
+        "fits": total,
+        "convergence_warnings": int((~diag.converged).sum()),
+        "other_warnings": [],
+        "workers": 1,
+        "config": asdict(cfg),
+        "timings": {"prepare_s": prepared - started, "fit_s": finished - prepared, "total_s": finished - started,
+                    "cpu_s": time.process_time() - cpu_started},
+        "solver": "batched",
+        "device": str(dev),
+        "solver_diagnostics": {**diag.summary(), "tol": st.tol, "settings": asdict(st)},
+    }
+
+
+def _low_shot_chunk(keys, rows, samples, sample_ids, k, ki, blocks, gram_all, test_gram, test_labels, test_keep,
+                    cost_t, position, test_ap, st, bar, dev) -> Diagnostics:
+    """Solve one chunk of (sample, class) families of one k at every cost and record their test APs."""
+    n = gram_all.shape[0]
+    fcount, jcount = len(keys), len(cost_t)
+    idx = [torch.from_numpy(r).to(dev) for r in rows]
+    signs = []
+    for (si, c), r in zip(keys, rows):
+        signs.append(np.where(samples[(sample_ids[si], k)][r, c] == 1, 1.0, -1.0))
+    if blocks:
+        m = len(rows[0])
+        if any(len(r) != m for r in rows):
+            raise SVMInputError(f"low-shot samples for k={k} have different sizes; expected 20k rows each")
+        index = torch.stack(idx)  # (F, m)
+        gram = _Gram(gram_all[index[:, :, None], index[:, None, :]])
+        y = torch.from_numpy(np.stack(signs)).to(dev)
+        d = _class_weights(y)
+        group = torch.arange(fcount, device=dev)
+    else:
+        gram = _Gram(gram_all[None])
+        y = torch.ones(fcount, n, dtype=torch.float64, device=dev)
+        d = torch.zeros(fcount, n, dtype=torch.float64, device=dev)
+        for f, (i, sg) in enumerate(zip(idx, signs)):
+            y[f, i] = torch.from_numpy(sg).to(dev)
+            d[f, i] = _class_weights(y[f, i])
+        group = torch.zeros(fcount, dtype=torch.long, device=dev)
+    fam = _Families(group=group, y=y, d=d, need=torch.ones(fcount, jcount, dtype=torch.bool, device=dev))
+    cpu = time.process_time()
+    sol = _solve_families(gram, fam, cost_t, st, bar)
+    solved = time.process_time()
+    if blocks:  # small row sets: gather their rows of the test Gram matrix
+        scores = torch.empty(fcount, jcount, test_gram.shape[1], dtype=torch.float64, device=dev)
+        for f, i in enumerate(idx):
+            scores[f] = sol.beta[f] @ test_gram.index_select(0, i)  # decision values on every test row
+    else:  # beta is zero off the sampled rows: one product with the whole test Gram matrix
+        scores = (sol.beta.reshape(fcount * jcount, n) @ test_gram).reshape(fcount, jcount, -1)
+    scores_np = scores.cpu().numpy()
+    for f, (si, c) in enumerate(keys):
+        keep = test_keep[c]  # §1.5: difficult test rows are dropped; numpy's AP is the reference's, ties too
+        ap = np.array([voc_svm.interpolated_ap(scores_np[f, j, keep], test_labels[keep, c]) for j in range(jcount)])
+        test_ap[si, ki, :, c] = ap[position]
+    LOG.debug("low-shot k=%d: %d families (%s), solve %.1f CPU-s, test scores and AP %.1f CPU-s", k, fcount,
+              "blocks" if blocks else "shared Gram", solved - cpu, time.process_time() - solved)
+    return _diagnostics(sol, fam.need)

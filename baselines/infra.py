@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -98,6 +99,40 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> tuple[int, int]:
+    """Delete the `.<name>.<pid>.tmp` files a killed writer left in `folder` (not a live process's own);
+    returns (files, bytes) removed. Other names are never touched."""
+    count = size = 0
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return 0, 0
+    for path in entries:
+        match = _TEMP_NAME.match(path.name)
+        if not match or not path.is_file() or _pid_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            length = path.stat().st_size
+            path.unlink()
+            count, size = count + 1, size + length
+    return count, size
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -42,6 +43,7 @@ from baselines.infra import (
     atomic_write_text,
     link_or_copy,
     provenance,
+    remove_stale_temp_files,
     seed_everything,
 )
 from baselines.methods import METHODS
@@ -108,14 +110,24 @@ class PretrainConfig:
         for name in ("epochs", "image_size", "dim", "queue_size", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be positive, got {self.temperature}")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0, got {value}"
+                                + ("; a run at lr 0 cannot learn" if name == "lr" and value == 0 else ""))
+        for name in ("momentum", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.moco_momentum) and 0 <= self.moco_momentum < 1):
+            problems.append(f"moco_momentum must lie in [0, 1), got {self.moco_momentum}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            problems.append(f"device {self.device}: CUDA is not available on this machine; use --device cpu (or auto)")
         grid = self.image_size // self.output_stride
         if self.require_paper_grid and self.method == "densecl" and grid < PAPER_GRID:
             problems.append(f"the dense grid is {grid}x{grid} (image_size {self.image_size} / output_stride "
                             f"{self.output_stride}), below the paper's {PAPER_GRID}x{PAPER_GRID}: use image_size >= "
                             f"{PAPER_GRID * self.output_stride} or output_stride 16")
-        if not 0.0 <= self.loss_lambda <= 1.0:
+        if not (math.isfinite(self.loss_lambda) and 0.0 <= self.loss_lambda <= 1.0):
             problems.append(f"loss_lambda must lie in [0, 1], got {self.loss_lambda}")
         if not self.data:
             problems.append("no pretraining data given (data)")
@@ -226,11 +238,13 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # settings first: a bad --device fails in one line
         self.dist = Distributed(cfg.device)
-        cfg.validate(self.dist.world_size)
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
+        if self.dist.is_main:
+            self._prepare_out()
         self.files = find_images(cfg.data, cfg.data_root or None)
 
         seed_everything(cfg.seed)
@@ -244,6 +258,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.position = Position()
         self.bad_images: set[int] = set()
+        self.log_window: list[list[float]] = []  # per-iteration values since the last log record
         self.resumed_from = self._resume()
 
         self.dataset = PretrainImages(self.files, TwoViews(mocov2_augmentation(cfg.image_size)), cfg.seed, cfg.skip_bad_images)
@@ -269,6 +284,22 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
 
     # ----------------------------------------------------------------------------- checkpoints
+    def _prepare_out(self) -> None:
+        """A writable output folder, before any work; temp files of killed writes there are removed (and said)."""
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.ckpt_dir / f".write-check.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise configs.ConfigError(f"output folder {self.out} is not writable ({err.strerror or err}); "
+                                      "choose another --out") from None
+        removed = [remove_stale_temp_files(folder) for folder in (self.out, self.ckpt_dir)]
+        count, size = sum(r[0] for r in removed), sum(r[1] for r in removed)
+        if count:
+            print(f"[pretrain] removed {count} temporary file(s) of interrupted writes ({size / 2**20:.1f} MiB) "
+                  f"in {self.out}", file=sys.stderr)
+
     def _check_queue_fits_data(self) -> None:
         """Spec §2.6: with the official K an image never meets its own old key; say when that cannot hold."""
         n, k, b = len(self.files), self.cfg.queue_size, self.cfg.batch_size
@@ -293,9 +324,7 @@ class Trainer:
             if cfg.resume == "auto":
                 return None
             raise FileNotFoundError(f"checkpoint to resume not found: {path}")
-        state = torch.load(path, map_location=self.dist.device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise configs.ConfigError(f"{path} is not a densecl-bench pretraining checkpoint")
+        path, state = self._readable_checkpoint(path)
         # A setting added after the checkpoint was written had its default then.
         saved = {**configs.to_dict(PretrainConfig()), **state["config"]}
         changed = [
@@ -316,8 +345,29 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.position = Position(**state["position"])
         self.bad_images = set(state.get("bad_images", []))
+        self.log_window = [list(values) for values in state.get("log_window", [])]
         set_rng_state(state["rng"])
         return path
+
+    def _readable_checkpoint(self, path: Path) -> tuple[Path, dict]:
+        """`path`'s state; with `--resume auto` an unreadable last.pth falls back to the newest readable kept
+        epoch checkpoint (and says so). Unreadable means truncated, empty, not a torch file, or holding objects."""
+        try:
+            return path, read_training_checkpoint(path, self.dist.device)
+        except configs.ConfigError as err:
+            if self.cfg.resume != "auto":
+                raise
+            problem = err
+        for kept in sorted(self.ckpt_dir.glob("epoch_*.pth"), reverse=True):
+            try:
+                state = read_training_checkpoint(kept, self.dist.device)
+            except configs.ConfigError:
+                continue
+            if self.dist.is_main:
+                print(f"[pretrain] {problem}; resuming from {kept} instead", file=sys.stderr)
+            return kept, state
+        raise configs.ConfigError(f"{problem}, and no kept epoch checkpoint in {self.ckpt_dir} is readable: "
+                                  "start a new --out")
 
     def _state(self) -> dict:
         return {
@@ -332,6 +382,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
             "bad_images": sorted(self._all_bad_images()),
+            "log_window": [list(values) for values in self.log_window],
             "meta": provenance(),
         }
 
@@ -343,9 +394,18 @@ class Trainer:
         return set().union(*map(set, gathered))
 
     def save(self, keep: bool) -> Path:
-        """Write last.pth (and, if `keep`, epoch_NNNN.pth); every rank calls this, rank 0 writes."""
+        """Write last.pth (and, if `keep`, epoch_NNNN.pth); every rank calls this, rank 0 writes.
+
+        Weights, buffers and optimizer state are checked finite first: a checkpoint that holds inf in a BN
+        running_var would be a "last good checkpoint" that cannot be resumed, so it is never written.
+        """
         self._check_ranks_agree()
         state = self._state()
+        bad = non_finite_tensors({"model": state["state_dict"], "optimizer": state["optimizer"]["state"]})
+        if bad:
+            raise NonFiniteLossError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at "
+                                     f"epoch {self.position.epoch + 1}, iteration {self.position.iteration}: not "
+                                     f"saved; {self._last_good()}. Lower the learning rate, or check the data")
         last = self.ckpt_dir / "last.pth"
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -451,7 +511,7 @@ class Trainer:
             total=iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
             disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
-        window: list[list[float]] = []
+        window = self.log_window  # a resumed run continues the averaging window it stopped in
         keys: list[str] = []
         window_start = time.perf_counter()
         amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
@@ -487,7 +547,8 @@ class Trainer:
                      "images_per_s": round(len(window) * cfg.batch_size / elapsed, 2),
                      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 )
-                window, window_start = [], time.perf_counter()
+                window.clear()
+                window_start = time.perf_counter()
             if values[-2] > 0:  # some rank was asked to stop: all stop at this same iteration
                 bar.close()
                 path = self.save(keep=False)
@@ -499,13 +560,43 @@ class Trainer:
                 self.save(keep=False)
         bar.close()
 
-    def _non_finite_message(self, value: float, iteration: int) -> str:
+    def _last_good(self) -> str:
+        """Where the last checkpoint is, if any: every written checkpoint passed the finiteness check."""
         last = self.ckpt_dir / "last.pth"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+
+    def _non_finite_message(self, value: float, iteration: int) -> str:
+        kept = self._last_good()
         return (
             f"non-finite loss ({value}) at epoch {self.position.epoch + 1}, iteration {iteration + 1} "
             f"(step {self.position.global_step + 1}); {kept}. Lower the learning rate, or check the data"
         )
+
+
+def read_training_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A densecl-bench training checkpoint, or a one-line ConfigError saying what is wrong with the file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as err:
+        text = " ".join(str(err).split())
+        if Path(path).stat().st_size == 0:
+            reason = "the file is empty (a write was cut off)"
+        elif "Unsupported global" in text:
+            reason = "it holds Python objects, which are never unpickled"
+        else:
+            reason = "not a complete torch checkpoint (truncated, or another kind of file)"
+        raise configs.ConfigError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise configs.ConfigError(f"{path} is not a densecl-bench pretraining checkpoint")
+    return state
+
+
+def non_finite_tensors(tree, name: str = "") -> list[str]:
+    """Dotted names of the floating tensors in a nested dict/list that hold NaN or infinity."""
+    if isinstance(tree, torch.Tensor):
+        return [name] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [bad for key, value in items for bad in non_finite_tensors(value, f"{name}.{key}" if name else str(key))]
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

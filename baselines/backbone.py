@@ -12,20 +12,13 @@ import timm
 import torch
 from torch import nn
 
-FEATURE_NAMES = ("feature1", "feature2", "feature3", "feature4", "feature5")
-_REDUCTIONS = (2, 4, 8, 16, 32)
-CONV_INITS = ("openselfsup", "timm")
+from baselines.backbone_names import CONV_INITS, FEATURE_NAMES, REDUCTIONS
+from baselines.backbone_names import layer_list as layer_list  # re-exported: the protocols' --layers parser
+from baselines.infra import UserError
 
 
-def layer_list(text: str) -> tuple[str, ...]:
-    """`feature3,feature5` or `all` -> the stage names; anything else is a one-line error."""
-    if text == "all":
-        return FEATURE_NAMES
-    layers = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
-    if unknown or not layers:
-        raise ValueError(f"unknown layer(s) {unknown or text!r}: use feature1..feature5 or 'all'")
-    return layers
+class ArchitectureError(UserError, ValueError):
+    """An architecture name that is not a timm CNN with the five feature maps the protocols need."""
 
 
 class Backbone(nn.Module):
@@ -44,13 +37,13 @@ class Backbone(nn.Module):
             self.trunk = trunk
             self._outputs = {}
         self.name = name
-        self.channels: dict[str, int] = dict(zip(FEATURE_NAMES, trunk.feature_info.channels()))
-        self.reductions: dict[str, int] = dict(zip(FEATURE_NAMES, trunk.feature_info.reduction()))
+        self.channels: dict[str, int] = dict(zip(FEATURE_NAMES, trunk.feature_info.channels(), strict=True))
+        self.reductions: dict[str, int] = dict(zip(FEATURE_NAMES, trunk.feature_info.reduction(), strict=True))
         init_conv_weights(self, conv_init)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._outputs:
-            return dict(zip(FEATURE_NAMES, self.trunk(x)))
+            return dict(zip(FEATURE_NAMES, self.trunk(x), strict=True))
         features = {}
         for name, module in self.named_children():
             x = module(x)
@@ -61,7 +54,7 @@ class Backbone(nn.Module):
 
 def _create_trunk(name: str, **timm_kwargs) -> nn.Module:
     if not timm.is_model(name):
-        raise ValueError(
+        raise ArchitectureError(
             f"unknown architecture {name!r}: not a timm model (e.g. resnet18, resnet50; "
             "see timm.list_models())"
         )
@@ -73,10 +66,10 @@ def _create_trunk(name: str, **timm_kwargs) -> nn.Module:
     try:
         trunk = timm.create_model(name, **kwargs)
     except (RuntimeError, IndexError, AssertionError) as err:
-        raise ValueError(f"architecture {name!r} cannot give five feature maps: {err}") from err
+        raise ArchitectureError(f"architecture {name!r} cannot give five feature maps: {err}") from err
     reductions = tuple(trunk.feature_info.reduction())
     if reductions != expected:
-        raise ValueError(
+        raise ArchitectureError(
             f"architecture {name!r} has feature reductions {reductions}; the protocols need "
             f"a CNN with the five reductions {expected}"
         )
@@ -87,7 +80,7 @@ def expected_reductions(output_stride: int) -> tuple[int, ...]:
     """(2, 4, 8, 16, 32); with output_stride 16 the last stage is dilated instead of strided: (2, 4, 8, 16, 16)."""
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-    return tuple(min(r, output_stride) for r in _REDUCTIONS)
+    return tuple(min(r, output_stride) for r in REDUCTIONS)
 
 
 def init_conv_weights(module: nn.Module, conv_init: str) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from baselines.backbone import Backbone, create_backbone
+from baselines.infra import UserError
 
 # What baselines/train.py writes: `Trainer._state()["format"]` and `export_backbone()["author"]`.
 OUR_TRAINING_FORMAT = "densecl-bench/pretrain"
@@ -47,7 +48,7 @@ _QUEUES = ("queue", "queue_ptr", "queue2", "queue2_ptr")
 _TRAINING_HEADS = ("encoder_q.1", "encoder_k", "neck", "head", *_QUEUES)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a checkpoint, or whose backbone does not fit the architecture asked for."""
 
 
@@ -150,7 +151,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
-    except Exception as torch_error:  # noqa: BLE001 - on junk torch.load raises anything, KeyError to EOFError
+    except Exception as torch_error:
         detectron2_pickle = None if zipfile.is_zipfile(path) else _read_numpy_pickle(path)
         if isinstance(detectron2_pickle, dict):
             return detectron2_pickle
@@ -246,14 +247,15 @@ def declared_arch(checkpoint: object) -> str | None:
 
 
 def declared_pretraining(checkpoint: object) -> dict[str, Any]:
-    """Method, epochs and pretraining data where our own files record them (training config or export meta)."""
+    """Method, epochs, pretraining data and seed where our own files record them (training config or export
+    meta). The seed pairs an `eval` run with the other method's run of the same seed (replication/verdicts.py)."""
     if not isinstance(checkpoint, dict):
         return {}
     found: dict[str, Any] = {}
     for section in (checkpoint.get("config"), checkpoint.get("meta"), checkpoint):
         if not isinstance(section, Mapping):
             continue
-        for key in ("method", "epochs", "pretrain_data"):
+        for key in ("method", "epochs", "pretrain_data", "seed"):
             value = section.get(key)
             if key not in found and isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
                 found[key] = value
@@ -374,7 +376,7 @@ def _read_numpy_pickle(path: str | os.PathLike) -> object:
     try:
         with open(path, "rb") as f:
             return NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except Exception:  # noqa: BLE001 - any failure means "not a detectron2 pickle"; the caller reports it
+    except Exception:
         return None
 
 

@@ -16,14 +16,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from baselines.infra import atomic_write_text
+from baselines.infra import UserError, atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or flag that names an unknown key or holds a value of the wrong type."""
 
 
@@ -117,6 +115,8 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def read_yaml(name_or_path: str) -> dict:
+    import yaml  # here, not at the top: building the parser (and --help) needs no YAML
+
     path = preset_path(name_or_path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -156,7 +156,8 @@ def _list_parser(element: type, allowed: tuple | None):
         try:
             parsed = tuple(element(v) for v in values)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {element.__name__} values, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {element.__name__} values, got {text!r}") from None
         bad = [v for v in parsed if allowed and v not in allowed]
         if bad or not parsed:
             shown = f"; choose from {', '.join(map(str, allowed))}" if allowed else ""
@@ -186,9 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         choices = f.metadata.get("choices")
         text = f.metadata.get("help", "")
         element = _element(kind)
-        if choices:
-            text += f" (one of: {', '.join(map(str, choices))})" if element is None else \
-                f" (comma list of: {', '.join(map(str, choices))})"
+        if choices and element is not None:  # a scalar's choices show in its usage, `--method {mocov2,densecl}`
+            text += f" (comma list of: {', '.join(map(str, choices))})"
         if "default:" not in text:
             text += f" (default: {_show(default)})"
         common = dict(default=argparse.SUPPRESS, help=text, dest=f.name)
@@ -201,8 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         elif typing.get_origin(kind) is dict:
             continue  # mappings are set from a config file, not a flag
         else:
-            parser.add_argument(flag, type=_flag_parser(kind, f.name), metavar=f.name.upper(), choices=choices,
-                                **common)
+            parser.add_argument(flag, type=_flag_parser(kind, f.name), metavar=None if choices else f.name.upper(),
+                                choices=choices, **common)
 
 
 def _show(value: Any) -> str:
@@ -223,4 +223,6 @@ def resolve(cls, config_file: str | None, args: argparse.Namespace | dict | None
 
 def write_yaml(config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically."""
+    import yaml
+
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

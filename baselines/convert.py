@@ -23,15 +23,16 @@ import torch
 
 from baselines.checkpoints import (
     OUR_AUTHOR,
+    BackboneState,
     CheckpointError,
+    backbone_state_from_checkpoint,
     check_fits,
     detectron2_to_torchvision_key,
-    read_backbone_state,
     read_checkpoint_file,
     summarize_keys,
 )
 from baselines.files import file_sha256
-from baselines.infra import atomic_file
+from baselines.infra import atomic_file, naming_write_errors, torch_file_problem
 
 TARGETS: dict[str, str] = {
     "detectron2": "detectron2 .pkl (convert-pretrain-to-detectron2.py renames, matching_heuristics)",
@@ -113,7 +114,7 @@ def convert_checkpoint(
     target = _check_target(to)
     out = Path(out)
     _check_out(out, target, overwrite)
-    source = read_backbone_state(path)
+    source = _read_source(path)
     arch = arch or source.arch
     if arch is None:
         raise ConversionError(
@@ -231,6 +232,7 @@ def _check_target(to: str) -> str:
 
 
 def _check_out(out: Path, target: str, overwrite: bool) -> None:
+    """Every reason the output cannot be written, before the source is read."""
     if out.is_dir():
         raise ConversionError(f"output {out} is a directory; give a file name")
     if out.exists() and not overwrite:
@@ -238,6 +240,39 @@ def _check_out(out: Path, target: str, overwrite: bool) -> None:
     if target == "detectron2" and out.suffix != ".pkl":
         # DetectionCheckpointer unpickles only names ending in .pkl; anything else goes to torch.load.
         raise ConversionError(f"detectron2 output {out} must end in .pkl, or detectron2 reads it with torch.load")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """A file can be created where `out` goes: its folder, or the nearest existing folder above it, takes a probe."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConversionError(f"cannot write {out}: {folder} is a file, not a folder; choose another --out")
+    probe = folder / f".write-check.{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConversionError(f"cannot write {out}: folder {folder} is not writable ({err.strerror or err}); "
+                              "choose another --out") from None
+
+
+def _read_source(path: str | os.PathLike) -> BackboneState:
+    """The source's backbone; a damaged file is told from its bytes (torch words a text file like a pickle of
+    objects)."""
+    try:
+        checkpoint = read_checkpoint_file(path)
+    except CheckpointError as err:
+        if not os.path.isfile(path):
+            raise
+        raise ConversionError(f"cannot read {path}: {torch_file_problem(path, err)}; convert a PyTorch checkpoint "
+                              "or a detectron2 .pkl") from None
+    try:
+        return backbone_state_from_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ConversionError(f"{path}: {err}") from None
 
 
 def _require_resnet_keys(state: Mapping[str, torch.Tensor], arch: str, target: str) -> None:
@@ -276,15 +311,16 @@ def _keys_left_to_model(
 
 def _write_verified(payload: object, out: Path, target: str, expected: Mapping[str, torch.Tensor]) -> None:
     """Save to a temporary file beside `out`, read it back safely and compare, then rename into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        if target == "detectron2":
-            # Plain pickle of containers and numpy arrays, as the official script writes (§4).
-            pickle.dump(payload, f, protocol=_PICKLE_PROTOCOL)
-        else:
-            torch.save(payload, f)
-        f.flush()
-        _check_reads_back(Path(f.name), target, expected)  # the temporary file, before it replaces anything
+    with naming_write_errors(out, "converted checkpoint", "free space there or choose another --out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out) as f:
+            if target == "detectron2":
+                # Plain pickle of containers and numpy arrays, as the official script writes (§4).
+                pickle.dump(payload, f, protocol=_PICKLE_PROTOCOL)
+            else:
+                torch.save(payload, f)
+            f.flush()
+            _check_reads_back(Path(f.name), target, expected)  # the temporary file, before it replaces anything
 
 
 def _check_reads_back(path: Path, target: str, expected: Mapping[str, torch.Tensor]) -> None:

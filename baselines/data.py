@@ -18,28 +18,35 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from baselines.infra import derived_seed
+from baselines.config import ConfigError
+from baselines.infra import UserError, derived_seed, get_logger
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+LIST_FORMAT = "'<path> [label]' lines"
+SHOWN = 3  # missing files named in a message
+LOG = get_logger("data")
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image that cannot be decoded; the message names the file."""
 
 
-def find_images(data: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
-    """All image paths of a folder (recursive, sorted) or of a list file (in file order)."""
+def find_images(data: str | os.PathLike, root: str | os.PathLike | None = None,
+                allow_missing: bool = False) -> list[str]:
+    """All image paths of a folder (recursive, sorted) or of a list file (in file order).
+
+    Every listed image must exist, so a wrong root is named here rather than by the batch arithmetic;
+    `allow_missing` (for `skip_bad_images`) keeps missing ones, with a warning, as long as one exists.
+    """
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"pretraining data not found: {data}")
     if data.is_file():
         base = Path(root) if root else data.parent
-        files = []
-        for line in data.read_text().splitlines():
-            if line.strip():
-                rel = line.split()[0]
-                files.append(str(base / rel))
+        files = [str(base / line.split()[0]) for line in _list_lines(data) if line.strip()]
         where = f"list file {data}"
+        if files:
+            _check_listed_images(files, data, base, allow_missing)
     else:
         files = sorted(
             str(Path(dirpath) / name)
@@ -49,8 +56,52 @@ def find_images(data: str | os.PathLike, root: str | os.PathLike | None = None) 
         )
         where = f"folder {data} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
     if not files:
-        raise ValueError(f"no images in {where}")
+        raise FileNotFoundError(f"no images in {where}; give a folder of images or a list file of {LIST_FORMAT}")
     return files
+
+
+def _list_lines(path: Path) -> list[str]:
+    """The lines of a list file; an image or any other binary file given instead is named as such."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    try:
+        head.decode("utf-8")
+        text = b"\0" not in head
+    except UnicodeDecodeError as err:
+        text = err.start >= len(head) - 3  # only a character cut at the end of the sample
+    if not text:
+        kind = "an image" if _is_image(path) else "a binary file"
+        raise ConfigError(f"data {path} is {kind}, not a folder of images or a list file of {LIST_FORMAT}; "
+                          "give the folder that holds the images")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"list file {path} is not UTF-8 text (byte {err.start}); a list file holds "
+                          f"{LIST_FORMAT}") from None
+
+
+def _is_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _check_listed_images(files: list[str], listing: Path, base: Path, allow_missing: bool) -> None:
+    """Name the listed images that do not exist (how many, the first few, and the root they were looked for in)."""
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not missing:
+        return
+    shown = ", ".join(missing[:SHOWN]) + (", ..." if len(missing) > SHOWN else "")
+    problem = f"list file {listing}: {len(missing)} of {len(files)} listed images do not exist ({shown})"
+    if allow_missing and len(missing) < len(files):
+        LOG.warning("%s; they are skipped as unreadable (skip_bad_images)", problem)
+        return
+    raise FileNotFoundError(f"{problem}; paths are read relative to {base}: fix the list or give their root "
+                            "(--data-root)")
 
 
 def data_name(data: str | os.PathLike) -> str:
@@ -126,7 +177,8 @@ class PretrainSampler(Sampler):
     def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                  order: str = "shuffle") -> None:
         if num_images < global_batch:
-            raise ValueError(f"{num_images} images cannot fill one global batch of {global_batch}")
+            raise ConfigError(f"{num_images} images cannot fill one global batch of {global_batch}: use a smaller "
+                              "batch_size or more images")
         if order not in self.ORDERS:
             raise ValueError(f"unknown epoch order {order!r}; choose one of {', '.join(self.ORDERS)}")
         self.order = order

@@ -24,7 +24,8 @@ class DenseHead(GlobalHead):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__(in_dim, hidden_dim, out_dim)
-        self.mlp2 = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
+        self.mlp2 = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden_dim, out_dim, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(global N x D, dense N x D x S^2 row-major, dense pooled before any normalisation N x D)."""
@@ -85,7 +86,8 @@ class DenseCL(MoCoV2):
         # One row per (image, location), image-major: the official `view(-1)` order.
         dim = q_grid.shape[1]
         loss_dense, acc_dense = info_nce(
-            q_grid.transpose(1, 2).reshape(-1, dim), k_grid.transpose(1, 2).reshape(-1, dim), self.queue2, self.temperature
+            q_grid.transpose(1, 2).reshape(-1, dim), k_grid.transpose(1, 2).reshape(-1, dim),
+            self.queue2, self.temperature
         )
         lam = self.loss_lambda if self.iteration >= self.lambda_warmup_iters else 0.0
         loss = (1 - lam) * loss_global + lam * loss_dense

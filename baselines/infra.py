@@ -5,6 +5,9 @@
 - seeds: `derived_seed` (one 63-bit seed per tuple of keys) and `seed_everything`;
 - provenance: git state, package versions and device, recorded with every checkpoint and result;
 - JSON conversion: `to_jsonable`, the one converter from numpy/torch/dataclass values;
+- logging: `get_logger(name)` gives `densecl_bench.<name>`; `setup_logging` is the command line's handler
+  (tqdm-safe), so a library user configures or silences the `densecl_bench` logger like any other;
+- errors: `UserError` marks a message meant for the user (one line at the command line, no traceback);
 - stop handling: `StopRequest` turns SIGINT/SIGTERM into a flag that a loop checks between
   iterations, so it can save consistent state before raising `Interrupted`.
 
@@ -20,6 +23,7 @@ import datetime
 import enum
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -28,17 +32,86 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: the command line's --help needs none of it
+    import numpy as np
 
 UNKNOWN = "unknown"
 TEMP_SUFFIX = ".tmp"
 SOURCE_DIR = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------- logging
+
+LOGGER_ROOT = "densecl_bench"
+
+
+def get_logger(name: str) -> logging.Logger:
+    """`densecl_bench.<name>`: one hierarchy, so a library user silences or redirects all of it at its root."""
+    return logging.getLogger(f"{LOGGER_ROOT}.{name}")
+
+
+class _ShortNames(logging.Formatter):
+    """`[eval] message`: the logger's last name only, as the tool's own prefixes read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.short = record.name.rsplit(".", 1)[-1]
+        return super().format(record)
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Writes to the current `sys.stderr` (tests and tqdm replace it), through `tqdm.write` when tqdm is loaded,
+    so a message printed during a progress bar does not break the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")  # no bar can be open unless tqdm was imported
+        if tqdm is None:
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """The command line's handler on the `densecl_bench` root: info by default, -v debug, -q warnings only.
+
+    A library user who never calls this gets Python's default (warnings and errors on stderr) and can
+    configure `logging.getLogger("densecl_bench")` like any other logger.
+    """
+    logger = logging.getLogger(LOGGER_ROOT)
+    if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
+        handler = TqdmHandler()
+        handler.setFormatter(_ShortNames("[%(short)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class UserError(Exception):
+    """An error in what the user gave (a file, a flag, a setting) or in their machine (a missing device):
+    the command line prints its message as one line, without a traceback. Anything else is a bug and
+    keeps its traceback. Subclasses also derive from the builtin they refine (ValueError, RuntimeError)."""
+
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 
@@ -86,6 +159,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def atomic_numpy_save(path: str | os.PathLike, array: np.ndarray) -> None:
+    import numpy as np
+
     with atomic_file(path, "wb") as handle:
         np.save(handle, array)
 
@@ -150,11 +225,14 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 def derived_seed(*keys: int) -> int:
     """A 63-bit seed that depends on every key (numpy's SeedSequence hashing): one stream per (seed, epoch, index)."""
+    import numpy as np
+
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device) from one integer."""
+    import numpy as np
     import torch
 
     random.seed(seed)
@@ -214,6 +292,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _distribution_version(distribution: str) -> str | None:
+    from importlib import metadata  # here: importing it costs the command line's --help a tenth of a second
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -342,3 +422,111 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# ---------------------------------------------------------------------------------------------- user-facing file errors
+
+
+class StorageError(UserError, OSError):
+    """A file that could not be written (disk full, read-only, no permission): one line naming it and the fix."""
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
+    """Turn an OSError of the block into a StorageError naming `path`, not the hidden temporary file the OS saw."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        error = StorageError(f"cannot write {what} {path}: {err.strerror or err}; {fix}")
+        error.errno = err.errno
+        raise error from None
+
+
+def load_torch_file(path: str | os.PathLike, what: str, fix: str = "", map_location: Any = "cpu") -> Any:
+    """`torch.load(weights_only=True)`, with every way the file can be unreadable a one-line error naming it.
+
+    Damaged files are a `ConfigError` (the user's input); `fix` says what to do and ends the message.
+    """
+    import torch
+
+    from baselines.config import ConfigError  # baselines.config imports this module
+
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file{tail}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise PermissionError(f"cannot read {what} {path}: permission denied") from None
+    except _unreadable_errors() as err:
+        raise ConfigError(f"cannot read {what} {path}: {torch_file_problem(path, err)}{tail}") from None
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What torch.load raises on a damaged or foreign file: its unpicklers and zip reader raise any of these."""
+    import pickle
+    import struct
+
+    return (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            ImportError, pickle.UnpicklingError, struct.error)
+
+
+def torch_file_problem(path: str | os.PathLike, error: BaseException) -> str:
+    """Why torch.load refused `path`, told from its error and the file's first bytes (torch words a text file
+    and a pickle of objects alike)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as err:
+        return err.strerror or str(err)
+    refused_objects = "Unsupported global" in str(error)
+    if not head:
+        return "the file is empty (a write was cut off)"
+    if head.startswith(b"PK\x03\x04"):
+        return ("it holds Python objects, which are never unpickled" if refused_objects
+                else "a damaged or truncated torch file")
+    if head[0] == 0x80:  # a pickle protocol marker: the legacy format or a plain pickle
+        return ("it holds Python objects, which are never unpickled" if refused_objects
+                else "a damaged or truncated pickle")
+    if _looks_like_text(head):
+        return "a text file, not a torch file"
+    return "not a torch file (another kind of file)"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        text = head[: err.start].decode("utf-8")
+    return all(char.isprintable() or char in "\t\n\r" for char in text)
+
+
+def load_numpy_file(path: str | os.PathLike, what: str, fix: str = "") -> np.ndarray:
+    """`np.load(allow_pickle=False)` of one `.npy` array, with every way it can be unreadable one line naming it."""
+    import numpy as np
+
+    from baselines.config import ConfigError  # baselines.config imports this module
+
+    tail = f"; {fix}" if fix else ""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except PermissionError:
+        raise PermissionError(f"cannot read {what} {path}: permission denied") from None
+    except (OSError, ValueError, EOFError) as err:
+        text = str(err)
+        reason = ("it holds Python objects, which are never unpickled" if "allow_pickle" in text
+                  else f"not a complete .npy array ({text.strip().splitlines()[0] if text.strip() else 'empty'})")
+        raise ConfigError(f"cannot read {what} {path}: {reason}{tail}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ConfigError(f"cannot read {what} {path}: an .npz archive, not one .npy array{tail}")
+    return array

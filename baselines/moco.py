@@ -38,7 +38,9 @@ class GlobalHead(nn.Module):
         return self.mlp(x.mean(dim=(2, 3)))
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy with the positive in column 0 (`ContrastiveHead`), and its top-1 accuracy in %.
 
     q, k: R x D, L2-normalised, row i of k is the positive of row i of q; queue: D x K negatives.

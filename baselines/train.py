@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -33,117 +32,29 @@ from tqdm import tqdm
 
 from baselines import config as configs
 from baselines.augment import TwoViews, mocov2_augmentation
-from baselines.backbone import CONV_INITS, create_backbone
-from baselines.config import option
+from baselines.backbone import create_backbone
 from baselines.data import PretrainImages, PretrainSampler, data_name, find_images
 from baselines.infra import (
     Interrupted,
     StopRequest,
+    UserError,
     atomic_torch_save,
     atomic_write_text,
+    get_logger,
     link_or_copy,
+    load_torch_file,
+    naming_write_errors,
     provenance,
     remove_stale_temp_files,
     seed_everything,
 )
 from baselines.methods import METHODS
+from baselines.pretrain_config import RUNTIME_FIELDS, PretrainConfig  # re-exported: the trainer's config
 
 CHECKPOINT_FORMAT = "densecl-bench/pretrain"
-PAPER_GRID = 7  # DenseCL's S: 7x7 res5 locations at 224 px (spec pretraining.md §2.3; CVPR Table 7)
-
-
-@dataclass
-class PretrainConfig:
-    """Defaults are the official DenseCL ImageNet-200ep recipe (spec §3); presets hold the others."""
-
-    method: str = option("densecl", "pretraining method", choices=tuple(METHODS))
-    arch: str = option("resnet50", "timm CNN with five reductions (resnet18, resnet50, ...)")
-    data: str = option("", "image folder (read recursively) or list file of '<path> [label]' lines")
-    data_root: str = option("", "root of the relative paths in a list file (default: its folder)")
-    out: str = option("", "output folder: checkpoints/, log.jsonl, config.yaml, backbone.pth")
-    image_size: int = option(224, "crop size of both views")
-    epochs: int = option(200, "training epochs")
-    batch_size: int = option(256, "global batch over all processes (official: 8 GPUs x 32)")
-    lr: float = option(0.03, "base learning rate (official: 0.03 ImageNet, 0.3 COCO, for batch 256)")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "weight decay on every parameter, BN and biases included")
-    queue_size: int = option(65536, "K, negatives per queue; must be divisible by the batch size")
-    moco_momentum: float = option(0.999, "m of the key-encoder update, constant")
-    temperature: float = option(0.2, "tau of both InfoNCE losses")
-    dim: int = option(128, "projection dimension D")
-    hidden_dim: int = option(0, "hidden width of the heads (0: the backbone's channels, 2048 for resnet50)")
-    loss_lambda: float = option(0.5, "DenseCL: weight of the dense loss, total = (1-l)*global + l*dense")
-    lambda_warmup_iters: int = option(0, "DenseCL: lambda = 0 for the first N iterations (official hook, off)")
-    bn_group_size: int = option(0, "ghost BN: BN statistics per group of G images, keys shuffled across groups (0: off; 32 emulates 8x32 GPUs)")
-    conv_init: str = option("openselfsup", "backbone init: openselfsup (kaiming fan_in) or timm", choices=CONV_INITS)
-    output_stride: int = option(32, "32 (the official ResNet) or 16: the last stage dilated instead of strided, so "
-                                "small-scale runs get the paper's 7x7 dense grid at 112 px; the saved weights are "
-                                "the same tensors and evaluate as a standard ResNet", choices=(16, 32))
-    require_paper_grid: bool = option(False, "refuse a DenseCL run whose dense grid (image_size / output_stride) is "
-                                      "below the paper's 7x7 (spec pretraining.md §2.3)")
-    workers: int = option(4, "data-loading worker processes per training process")
-    seed: int = option(0, "seeds python, numpy, torch, and every sample's augmentation")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    amp: str = option("none", "autocast dtype: none or bf16 (losses stay float32)", choices=("none", "bf16"))
-    channels_last: bool = option(False, "channels_last memory format")
-    deterministic: bool = option(False, "deterministic cuDNN kernels (slower on GPU)")
-    save_every: int = option(10, "write a kept checkpoint every N epochs (and always at the end)")
-    save_every_iters: int = option(0, "also refresh checkpoints/last.pth every N iterations (0: off)")
-    log_every: int = option(10, "iterations per JSONL log record")
-    resume: str = option("", "'auto' (out/checkpoints/last.pth if present) or a checkpoint path")
-    epoch_order: str = option(
-        "shuffle", "shuffle (official), or halves: two fixed halves visited in turn, each shuffled per epoch, so "
-        "a queue of K <= N/2 - B never holds an image's own old key on a small dataset", choices=("shuffle", "halves"))
-    skip_bad_images: bool = option(False, "replace unreadable images by the next readable one and count them")
-    progress: bool = option(True, "tqdm progress bar on the main process")
-
-    def validate(self, world_size: int = 1) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.batch_size <= 0 or self.batch_size % world_size:
-            problems.append(f"batch_size {self.batch_size} must be a positive multiple of the {world_size} processes")
-        elif self.queue_size % self.batch_size:
-            problems.append(f"queue_size {self.queue_size} is not divisible by batch_size {self.batch_size} (spec §2.6)")
-        if self.bn_group_size and (self.batch_size // world_size) % self.bn_group_size:
-            problems.append(f"per-process batch {self.batch_size // world_size} does not split into ghost-BN groups of {self.bn_group_size}")
-        for name in ("epochs", "image_size", "dim", "queue_size", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                problems.append(f"{name} must be a finite number > 0, got {value}"
-                                + ("; a run at lr 0 cannot learn" if name == "lr" and value == 0 else ""))
-        for name in ("momentum", "weight_decay"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.moco_momentum) and 0 <= self.moco_momentum < 1):
-            problems.append(f"moco_momentum must lie in [0, 1), got {self.moco_momentum}")
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            problems.append(f"device {self.device}: CUDA is not available on this machine; use --device cpu (or auto)")
-        grid = self.image_size // self.output_stride
-        if self.require_paper_grid and self.method == "densecl" and grid < PAPER_GRID:
-            problems.append(f"the dense grid is {grid}x{grid} (image_size {self.image_size} / output_stride "
-                            f"{self.output_stride}), below the paper's {PAPER_GRID}x{PAPER_GRID}: use image_size >= "
-                            f"{PAPER_GRID * self.output_stride} or output_stride 16")
-        if not (math.isfinite(self.loss_lambda) and 0.0 <= self.loss_lambda <= 1.0):
-            problems.append(f"loss_lambda must lie in [0, 1], got {self.loss_lambda}")
-        if not self.data:
-            problems.append("no pretraining data given (data)")
-        if not self.out:
-            problems.append("no output folder given (out)")
-        if problems:
-            raise configs.ConfigError("; ".join(problems))
-
-
-# Settings that may differ when a run is resumed; everything else must match the checkpoint.
-RUNTIME_FIELDS = {"data", "data_root", "out", "workers", "device", "save_every", "save_every_iters", "log_every", "resume",
-                  "skip_bad_images", "progress", "require_paper_grid"}
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+LOG = get_logger("pretrain")
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training blew up (too high a learning rate, or bad data); the message names the last good checkpoint."""
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -200,7 +111,7 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device_name == "auto":
             device_name = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_name == "cuda" and self.world_size > 1:
+        if device_name == "cuda":  # torch.cuda.set_device refuses a device without an index
             device_name = f"cuda:{local_rank}"
         self.device = torch.device(device_name)
         if self.device.type == "cuda":
@@ -228,9 +139,31 @@ class Distributed:
 
 
 def _ignore_signals_in_worker(worker_id: int) -> None:
-    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints before stopping."""
+    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints before stopping (`stop_workers` ends
+    them when it is done)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """End a loader's worker processes now, idle, busy or already gone.
+
+    Our workers ignore SIGTERM and persist between epochs, so after an error Python's exit handler, which
+    sends SIGTERM to child processes and then joins them, would wait for them forever. torch (2.14) has no
+    public shutdown: this makes the call the iterator's finaliser makes, then kills any worker it left alive.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    loader._iterator = None
+    workers = list(getattr(iterator, "_workers", ()))
+    try:
+        iterator._shutdown_workers()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=1.0)
 
 
 class Trainer:
@@ -245,7 +178,7 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         if self.dist.is_main:
             self._prepare_out()
-        self.files = find_images(cfg.data, cfg.data_root or None)
+        self.files = find_images(cfg.data, cfg.data_root or None, allow_missing=cfg.skip_bad_images)
 
         seed_everything(cfg.seed)
         if self.dist.device.type == "cuda":
@@ -261,7 +194,8 @@ class Trainer:
         self.log_window: list[list[float]] = []  # per-iteration values since the last log record
         self.resumed_from = self._resume()
 
-        self.dataset = PretrainImages(self.files, TwoViews(mocov2_augmentation(cfg.image_size)), cfg.seed, cfg.skip_bad_images)
+        self.dataset = PretrainImages(self.files, TwoViews(mocov2_augmentation(cfg.image_size)), cfg.seed,
+                                      cfg.skip_bad_images)
         self.sampler = PretrainSampler(len(self.files), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size,
                                        order=cfg.epoch_order)
         self._check_queue_fits_data()
@@ -297,8 +231,8 @@ class Trainer:
         removed = [remove_stale_temp_files(folder) for folder in (self.out, self.ckpt_dir)]
         count, size = sum(r[0] for r in removed), sum(r[1] for r in removed)
         if count:
-            print(f"[pretrain] removed {count} temporary file(s) of interrupted writes ({size / 2**20:.1f} MiB) "
-                  f"in {self.out}", file=sys.stderr)
+            LOG.info("removed %d temporary file(s) of interrupted writes (%.1f MiB) in %s", count, size / 2**20,
+                     self.out)
 
     def _check_queue_fits_data(self) -> None:
         """Spec §2.6: with the official K an image never meets its own old key; say when that cannot hold."""
@@ -308,8 +242,8 @@ class Trainer:
                 f"queue_size {k} must be at most N/2 - B = {n // 2 - b} for {n} images and batch {b} "
                 "so that no image meets its own old key (epoch_order halves)")
         if self.cfg.epoch_order == "shuffle" and k + b > n and self.dist.is_main:
-            print(f"[pretrain] warning: queue_size {k} + batch {b} exceeds the {n} images: the queue holds old keys "
-                  "of the very images it contrasts (use --epoch-order halves with K <= N/2 - B)", file=sys.stderr)
+            LOG.warning("queue_size %d + batch %d exceeds the %d images: the queue holds old keys of the very images "
+                        "it contrasts (use --epoch-order halves with K <= N/2 - B)", k, b, n)
 
     def _resume(self) -> Path | None:
         cfg = self.cfg
@@ -339,7 +273,8 @@ class Trainer:
             )
         if state["num_images"] != len(self.files):
             raise configs.ConfigError(
-                f"cannot resume {path}: it was trained on {state['num_images']} images, the data now has {len(self.files)}"
+                f"cannot resume {path}: it was trained on {state['num_images']} images, the data now has "
+                f"{len(self.files)}; give the same data or start a new --out"
             )
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -356,15 +291,15 @@ class Trainer:
             return path, read_training_checkpoint(path, self.dist.device)
         except configs.ConfigError as err:
             if self.cfg.resume != "auto":
-                raise
+                raise configs.ConfigError(f"{err}; resume from another checkpoint, or start a new --out") from None
             problem = err
         for kept in sorted(self.ckpt_dir.glob("epoch_*.pth"), reverse=True):
             try:
                 state = read_training_checkpoint(kept, self.dist.device)
-            except configs.ConfigError:
+            except (configs.ConfigError, OSError):
                 continue
             if self.dist.is_main:
-                print(f"[pretrain] {problem}; resuming from {kept} instead", file=sys.stderr)
+                LOG.warning("%s; resuming from %s instead", problem, kept)
             return kept, state
         raise configs.ConfigError(f"{problem}, and no kept epoch checkpoint in {self.ckpt_dir} is readable: "
                                   "start a new --out")
@@ -408,13 +343,18 @@ class Trainer:
                                      f"saved; {self._last_good()}. Lower the learning rate, or check the data")
         last = self.ckpt_dir / "last.pth"
         if self.dist.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            fix = f"free space there, then continue with --resume auto ({self._last_good()})"
             if keep:
                 kept = self.ckpt_dir / f"epoch_{self.position.epoch:04d}.pth"
-                atomic_torch_save(state, kept)
-                link_or_copy(kept, last)
+                with naming_write_errors(kept, "checkpoint", fix):
+                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_torch_save(state, kept)
+                with naming_write_errors(last, "checkpoint", fix):
+                    link_or_copy(kept, last)
             else:
-                atomic_torch_save(state, last)
+                with naming_write_errors(last, "checkpoint", fix):
+                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_torch_save(state, last)
         self.dist.barrier()
         return last
 
@@ -422,7 +362,8 @@ class Trainer:
         """Query/key weights and queues must be identical on every rank; fail loudly if not."""
         if self.dist.world_size == 1:
             return
-        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers() if "queue" in n]
+        names = [n for n, _ in self.model.named_parameters()]
+        names += [n for n, _ in self.model.named_buffers() if "queue" in n]
         tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         digest = torch.stack([tensors[n].detach().double().sum() for n in names]).to(self.dist.device)
         gathered = [torch.empty_like(digest) for _ in range(self.dist.world_size)]
@@ -443,17 +384,27 @@ class Trainer:
                          "pretrain_data": data_name(self.cfg.data), "seed": self.cfg.seed,
                          "output_stride": self.cfg.output_stride, **provenance()},
             }
-            atomic_torch_save(state, path)
+            with naming_write_errors(path, "backbone", "free space there, then run the same command with "
+                                     f"--resume auto ({self._last_good()})"):
+                atomic_torch_save(state, path)
         self.dist.barrier()
         return path
+
+    def close(self) -> None:
+        """Stop the data-loading workers and leave the process group, whether the run finished or failed."""
+        try:
+            stop_workers(self.loader)
+        finally:
+            self.dist.close()
 
     # ----------------------------------------------------------------------------- logging
     def _prepare_log(self) -> None:
         """Keep log records up to the resumed step; later ones belong to lost, re-run work."""
         if not self.dist.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        configs.write_yaml(self.cfg, self.out / "config.yaml")
+        with naming_write_errors(self.out / "config.yaml", "run config", "free space there or choose another --out"):
+            self.out.mkdir(parents=True, exist_ok=True)
+            configs.write_yaml(self.cfg, self.out / "config.yaml")
         kept = []
         if self.resumed_from is not None and self.log_path.exists():
             for line in self.log_path.read_text().splitlines():
@@ -462,11 +413,13 @@ class Trainer:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue
-        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+        with naming_write_errors(self.log_path, "training log", "free space there or choose another --out"):
+            atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     def _write_log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.log_path, "a") as f:
+            with naming_write_errors(self.log_path, "training log", "free space there, then continue with "
+                                     f"--resume auto ({self._last_good()})"), open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------------------- loop
@@ -480,37 +433,47 @@ class Trainer:
             elif self.position.epoch >= cfg.epochs:
                 where = f"{self.resumed_from} already finished all {cfg.epochs} epochs; nothing to train"
             else:
-                where = f"resuming {self.resumed_from} at epoch {self.position.epoch + 1}, iteration {self.position.iteration}"
-            print(
-                f"[pretrain] {where}: {cfg.method} {cfg.arch}, {len(self.files)} images, {iters} it/epoch, "
-                f"{self.dist.world_size} process(es) on {self.dist.device}, out {self.out}",
-                file=sys.stderr,
-            )
+                where = (f"resuming {self.resumed_from} at epoch {self.position.epoch + 1}, "
+                         f"iteration {self.position.iteration}")
+            LOG.info("%s: %s %s, %d images, %d it/epoch, %d process(es) on %s, out %s", where, cfg.method, cfg.arch,
+                     len(self.files), iters, self.dist.world_size, self.dist.device, self.out)
         with StopRequest() as stop:
             while self.position.epoch < cfg.epochs:
                 self._train_epoch(stop)
                 self.position = Position(self.position.epoch + 1, 0, self.position.global_step)
                 if self.position.epoch % cfg.save_every == 0 or self.position.epoch == cfg.epochs:
                     self.save(keep=True)
-        if self.bad_images and self.dist.is_main:
+        bad = self._all_bad_images()  # every rank takes part in the gather
+        if bad and self.dist.is_main:
             listing = self.out / "bad_images.txt"
-            listing.write_text("".join(self.files[i] + "\n" for i in sorted(self._all_bad_images())))
-            print(f"[pretrain] skipped {len(self.bad_images)} unreadable image(s), listed in {listing}", file=sys.stderr)
+            with naming_write_errors(listing, "list of unreadable images", "free space there, then run the same "
+                                     "command with --resume auto"):
+                atomic_write_text(listing, "".join(self.files[i] + "\n" for i in sorted(bad)))
+            LOG.warning("skipped %d unreadable image(s), listed in %s", len(bad), listing)
         return self.export_backbone()
 
     def _train_epoch(self, stop: StopRequest) -> None:
-        cfg, device = self.cfg, self.dist.device
+        cfg = self.cfg
         epoch, start = self.position.epoch, self.position.iteration
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.sampler.set_epoch(epoch, start)
         self.model.train()
-        iters = self.sampler.iterations_per_epoch
         bar = tqdm(
-            total=iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-            disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            total=self.sampler.iterations_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+            disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
+        try:
+            self._train_iterations(stop, bar, lr)
+        finally:
+            bar.close()
+
+    def _train_iterations(self, stop: StopRequest, bar: tqdm, lr: float) -> None:
+        cfg, device = self.cfg, self.dist.device
+        epoch, start = self.position.epoch, self.position.iteration
+        iters = self.sampler.iterations_per_epoch
         window = self.log_window  # a resumed run continues the averaging window it stopped in
         keys: list[str] = []
         window_start = time.perf_counter()
@@ -527,9 +490,9 @@ class Trainer:
             skipped = bad[bad >= 0]
             self.bad_images.update(skipped.tolist())
             flags = torch.tensor([float(stop.requested), float(len(skipped))], device=device)
-            values = self.dist.all_mean(torch.cat([torch.stack([outputs[k].detach().float() for k in keys]), flags])).cpu()
+            values = torch.cat([torch.stack([outputs[k].detach().float() for k in keys]), flags])
+            values = self.dist.all_mean(values).cpu()
             if not math.isfinite(values[keys.index("loss")]):
-                bar.close()
                 raise NonFiniteLossError(self._non_finite_message(float(values[keys.index("loss")]), iteration))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -543,7 +506,7 @@ class Trainer:
                 means = np.mean(window, axis=0)
                 self._write_log(
                     {"step": self.position.global_step, "epoch": epoch + 1, "iter": iteration + 1, "lr": lr,
-                     **{k: round(float(v), 6) for k, v in zip(keys, means)},
+                     **{k: round(float(v), 6) for k, v in zip(keys, means, strict=True)},
                      "images_per_s": round(len(window) * cfg.batch_size / elapsed, 2),
                      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 )
@@ -558,7 +521,6 @@ class Trainer:
                 )
             if cfg.save_every_iters and self.position.global_step % cfg.save_every_iters == 0 and iteration + 1 < iters:
                 self.save(keep=False)
-        bar.close()
 
     def _last_good(self) -> str:
         """Where the last checkpoint is, if any: every written checkpoint passed the finiteness check."""
@@ -575,17 +537,7 @@ class Trainer:
 
 def read_training_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """A densecl-bench training checkpoint, or a one-line ConfigError saying what is wrong with the file."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as err:
-        text = " ".join(str(err).split())
-        if Path(path).stat().st_size == 0:
-            reason = "the file is empty (a write was cut off)"
-        elif "Unsupported global" in text:
-            reason = "it holds Python objects, which are never unpickled"
-        else:
-            reason = "not a complete torch checkpoint (truncated, or another kind of file)"
-        raise configs.ConfigError(f"cannot read checkpoint {path}: {reason}") from None
+    state = load_torch_file(path, "checkpoint", map_location=device)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise configs.ConfigError(f"{path} is not a densecl-bench pretraining checkpoint")
     return state
@@ -605,4 +557,4 @@ def pretrain(cfg: PretrainConfig) -> Path:
     try:
         return trainer.run()
     finally:
-        trainer.dist.close()
+        trainer.close()

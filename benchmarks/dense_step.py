@@ -98,7 +98,8 @@ def measure_one(model: str, scale: str, arch: str, batch_size: int | None, itera
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"model": model, "scale": scale, "arch": arch, "device": device, "batch": batch_size,
             "input": list(shape), "seconds_per_iteration": statistics.median(times),
-            "peak_memory_mib": round(peak), "memory_kind": "cuda allocated" if device.startswith("cuda") else "peak RSS",
+            "peak_memory_mib": round(peak),
+            "memory_kind": "cuda allocated" if device.startswith("cuda") else "peak RSS",
             "rois_per_image": getattr(cfg, "rois_per_image", None), "threads": torch.get_num_threads()}
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         model, scale = args.one.split(":")
         print(json.dumps(measure_one(model, scale, args.arch, args.batch, args.iterations, args.warmup, device)))
         return 0
-    print(f"{'model':15s} {'scale':9s} {'arch':9s} {'batch':>5s} {'input':>18s} {'s/iter':>8s} {'peak MiB':>9s}  ({device})")
+    print(f"{'model':15s} {'scale':9s} {'arch':9s} {'batch':>5s} {'input':>18s} {'s/iter':>8s} "
+          f"{'peak MiB':>9s}  ({device})")
     for model in args.models:
         for scale in args.scales:
             command = [sys.executable, __file__, "--one", f"{model}:{scale}", "--arch", args.arch, "--iterations",

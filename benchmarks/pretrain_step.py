@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     device = resolve_device(cfg.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), {cfg.arch} {cfg.image_size}px, batch {cfg.batch_size}, queue {cfg.queue_size}, "
-          f"amp {cfg.amp}, channels_last {cfg.channels_last}, {cfg.steps} timed steps/method after {cfg.warmup} warm-up")
+          f"amp {cfg.amp}, channels_last {cfg.channels_last}, "
+          f"{cfg.steps} timed steps/method after {cfg.warmup} warm-up")
     if cfg.end_to_end and not args.data:
         from protocols.datasets import synthetic
 
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     for mode in ("compute_only", "end_to_end"):
         if mode in report:
             r = report[mode]
-            print(f"{mode:13s} images/s  MoCo-v2 {r['images_per_s']['mocov2']:8.1f}  DenseCL {r['images_per_s']['densecl']:8.1f}"
+            print(f"{mode:13s} images/s  MoCo-v2 {r['images_per_s']['mocov2']:8.1f}  "
+                  f"DenseCL {r['images_per_s']['densecl']:8.1f}"
                   f"  step-time ratio DenseCL/MoCo-v2 {r['densecl_over_mocov2']:.3f}")
     if "peak_memory_mib" in report:
         p = report["peak_memory_mib"]

@@ -31,19 +31,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime (see above)
 
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocols import svm_solver, voc_svm  # noqa: E402
+from protocols import svm_solver, voc_svm
 
 # Images per class in VOC07 trainval (approximate), to make label frequencies VOC-like.
 VOC07_TRAINVAL_IMAGES = (
@@ -145,7 +145,8 @@ def measured(fn, *args, **kwargs):
 def full_agreement(ours: dict, ref: dict) -> dict:
     ap_diff = max(abs(ours["ap"][c] - ref["ap"][c]) for c in ref["ap"])
     tie_classes = {t["class"] for t in ours["ties"]}
-    differ = [c for c, a, b in zip(ref["classes"], ours["chosen_cost_index"], ref["chosen_cost_index"]) if a != b]
+    differ = [c for c, a, b in zip(ref["classes"], ours["chosen_cost_index"], ref["chosen_cost_index"], strict=False)
+              if a != b]
     return {"map_diff": ours["mAP"] - ref["mAP"], "ap_diff": ap_diff, "differ": differ,
             "differ_outside_ties": [c for c in differ if c not in tie_classes], "ties": ours["ties"],
             "cv_diff": float(np.nanmax(np.abs(np.array(ours["cv_ap"]) - np.array(ref["cv_ap"]))))}
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 totals["lowshot"][0] += lib[1]
                 max_diff = max(abs(agree["map_diff"]), agree["grid_diff"], max_diff or 0.0)
             totals["lowshot"][1] += bat[1]
-            print(f" low-shot ({args.samples} samples x {len(usable)} ks x {args.classes} classes x {len(costs)} costs):")
+            print(f" low-shot ({args.samples} samples x {len(usable)} ks x {args.classes} classes "
+                  f"x {len(costs)} costs):")
             report("lowshot", lib, bat, agree)
         del train_x, test_x
 

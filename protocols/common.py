@@ -1,19 +1,24 @@
-"""What every protocol needs before it starts: the backbone under test, what it was pretrained on, the default data."""
+"""What every protocol needs before it starts: the backbone under test, what it was pretrained on, the default data.
+
+torch and the models are imported by the functions that use them, so the protocol declarations that import
+this module stay importable without them (`densecl-bench eval ... --help`).
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from baselines.backbone import Backbone, create_backbone
-from baselines.checkpoints import load_backbone
+from baselines.infra import UserError
 from baselines.methods import evaluable_methods
-from protocols.datasets import synthetic
 from protocols.result import file_sha256
+
+if TYPE_CHECKING:
+    import torch
+
+    from baselines.backbone import Backbone
 
 RANDOM_INIT = "random"
 # The embedded evaluation data: synthetic VOC scenes, disjoint from the pretraining default (seed 1).
@@ -23,7 +28,7 @@ PRETRAINING_KEYS = ("method", "pretrain_data", "epochs", "seed")
 PRETRAIN_NAMES = {"imagenet": "in1k", "in1k": "in1k", "imagenet-1k": "in1k", "coco": "coco"}
 
 
-class SubjectError(ValueError):
+class SubjectError(UserError, ValueError):
     """Pretraining metadata that is unknown or contradicts what the checkpoint file declares; one line."""
 
 
@@ -53,11 +58,19 @@ def backbone_under_test(checkpoint: str | os.PathLike, arch: str | None = None, 
     our own checkpoints' metadata; for foreign files the caller gives them (`eval --method ...`).
     Given values that contradict the file are an error, not a silent override.
     """
+    import torch
+
+    from baselines.backbone import create_backbone
+    from baselines.checkpoints import load_backbone
+
     pretrain_data = PRETRAIN_NAMES.get(str(pretrain_data).lower(), pretrain_data) if pretrain_data else None
     given = {"method": method, "pretrain_data": pretrain_data, "epochs": epochs, "seed": pretrain_seed}
     if method is not None and method not in evaluable_methods():
         raise SubjectError(f"unknown method {method!r}; choose from {', '.join(evaluable_methods())}")
     if str(checkpoint) == RANDOM_INIT:
+        # A random init's "pretraining seed" is its init seed: `eval --checkpoint random --pretrain-seed 3`
+        # gives the seed-3 baseline that pairs with both methods' seed-3 runs.
+        seed = seed if pretrain_seed is None else pretrain_seed
         arch = arch or "resnet50"
         torch.manual_seed(seed)
         backbone = create_backbone(arch).to(device).eval()
@@ -83,11 +96,15 @@ def _pretraining(declared: dict[str, Any], given: dict[str, Any], arch: str, whe
 
 
 def default_voc_root(progress: bool = True) -> Path:
+    from protocols.datasets import synthetic
+
     return synthetic.cached(**DEFAULT_EVAL_DATA, progress=progress)
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` -> CUDA when there is one; a device this machine lacks is a one-line error, not a torch trace."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -17,6 +17,9 @@ protocol of the paper. It measures what DenseCL says it improves, spatially disc
 
 Data: a VOC-layout root with `SegmentationClass/*.png` (palette indices, 255 ignored) and the split lists
 of `ImageSets/Segmentation/` (else `ImageSets/Main/`).
+
+torch, PIL and the feature code are imported by the functions that use them, so the declaration below (and
+`densecl-bench eval seg_voc_dense_probe --help`) needs none of them.
 """
 
 from __future__ import annotations
@@ -24,23 +27,25 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
 
-from baselines.backbone import FEATURE_NAMES, layer_list
-from baselines.config import option
-from baselines.data import load_rgb
-from protocols.common import resolve_device
-from protocols.features import IMAGENET_MEAN, IMAGENET_STD
+from baselines.backbone_names import FEATURE_NAMES, layer_list
+from baselines.config import ConfigError, option
+from baselines.infra import UserError
 from protocols.registry import DefaultData, Protocol, Reading
 from protocols.result import ProtocolResult
 
+if TYPE_CHECKING:
+    import torch
+
 IGNORE = 255
 NUM_CLASSES = 21  # background + the 20 VOC classes
+
+
+class DenseProbeInputError(UserError, ValueError):
+    """A mask the probe cannot read as class indices; the message names the file."""
 
 
 @dataclass
@@ -66,16 +71,25 @@ def split_ids(root: Path, split: str) -> list[str]:
 
 
 def _mask(root: Path, image_id: str, size: int) -> np.ndarray:
+    from PIL import Image
+
     path = root / "SegmentationClass" / f"{image_id}.png"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the dense probe needs a segmentation mask for every image")
     with Image.open(path) as mask:
         if mask.mode != "P" and mask.mode != "L":
-            raise ValueError(f"{path} is a {mask.mode} image; masks are palette indices (VOC SegmentationClass)")
+            raise DenseProbeInputError(f"{path} is a {mask.mode} image; masks are palette indices "
+                                       "(VOC SegmentationClass)")
         return np.asarray(mask.resize((size, size), Image.NEAREST), dtype=np.int64)
 
 
 def _images(root: Path, ids: list[str], size: int) -> torch.Tensor:
+    import torch
+    from PIL import Image
+
+    from baselines.data import load_rgb
+    from protocols.features import IMAGENET_MEAN, IMAGENET_STD
+
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     batch = []
@@ -88,6 +102,11 @@ def _images(root: Path, ids: list[str], size: int) -> torch.Tensor:
 
 def feature_maps(subject, root: Path, ids: list[str], cfg: DenseProbeConfig, progress: bool) -> dict[str, np.ndarray]:
     """layer -> (images, C, g, g) float32 maps of the frozen backbone."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from protocols.common import resolve_device
+
     device = resolve_device(cfg.device)
     backbone = subject.backbone.to(device).eval()
     maps: dict[str, list[np.ndarray]] = {layer: [] for layer in cfg.layers}
@@ -125,6 +144,9 @@ def miou(confusion: np.ndarray) -> tuple[float, list[float]]:
 def fit_softmax(rows: np.ndarray, labels: np.ndarray, regularization: float, max_iter: int
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """argmin_W,b  C * sum_i CE(x_i W + b, y_i) + ||W||^2 / 2 (scikit-learn's multinomial objective), by L-BFGS."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(rows.astype(np.float32))
     y = torch.from_numpy(labels)
     weight = torch.zeros(x.shape[1], NUM_CLASSES, requires_grad=True)
@@ -146,6 +168,9 @@ def fit_softmax(rows: np.ndarray, labels: np.ndarray, regularization: float, max
 def probe_layer(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_masks: np.ndarray,
                 cfg: DenseProbeConfig) -> dict:
     """Fit the per-location classifier on `train` maps and score `test` maps against full-size masks."""
+    import torch
+    import torch.nn.functional as F
+
     c = train.shape[1]
     rows = train.transpose(0, 2, 3, 1).reshape(-1, c).astype(np.float64)
     labels = train_labels.reshape(-1)
@@ -175,8 +200,8 @@ def run(subject, data, cfg: DenseProbeConfig, *, work_dir=None, progress: bool =
     root = Path(data[0] if isinstance(data, (list, tuple)) else data)
     unknown = [layer for layer in cfg.layers if layer not in FEATURE_NAMES]
     if unknown or cfg.input_size < 32:
-        raise ValueError(f"dense probe: layers must be feature1..feature5 and input_size >= 32, got {cfg.layers}, "
-                         f"{cfg.input_size}")
+        raise ConfigError(f"dense probe: layers must be feature1..feature5 and input_size >= 32, got {cfg.layers}, "
+                          f"{cfg.input_size}")
     started = time.perf_counter()
     ids = {split: split_ids(root, split) for split in (cfg.train_split, cfg.test_split)}
     masks = {split: np.stack([_mask(root, i, cfg.input_size) for i in ids[split]]) for split in ids}

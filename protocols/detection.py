@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baselines.config import option
+from baselines.config import ConfigError, option
 from protocols import transfer
 from protocols.common import BackboneUnderTest, resolve_device
 from protocols.registry import Protocol, Reading
@@ -55,9 +55,9 @@ class DetectionConfig(transfer.TransferSettings):
         for name, value, allowed in (("task", self.task, TASKS), ("mode", self.mode, MODES),
                                      ("difficult", self.difficult, ("ignore", "train"))):
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+                raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
         if self.iterations < 1 or self.batch_size < 1:
-            raise ValueError("iterations and batch size must be positive")
+            raise ConfigError("iterations and batch size must be positive")
 
 
 REFERENCE = {
@@ -106,12 +106,14 @@ def _data(cfg: DetectionConfig, roots: list[Path]) -> tuple[Any, Any, dict[str, 
                                                  tuple(cfg.train_short_sides), cfg.max_size, cfg.test_short_side,
                                                  cfg.difficult)
         info = {"name": "+".join(r.name for r in roots), "roots": [str(r.resolve()) for r in roots],
-                "layout": "pascal-voc", "splits": {cfg.train_split: counts["images"], cfg.test_split: test_counts["images"]},
+                "layout": "pascal-voc",
+                "splits": {cfg.train_split: counts["images"], cfg.test_split: test_counts["images"]},
                 "objects": {cfg.train_split: counts["objects"], cfg.test_split: test_counts["objects"]},
                 "difficult": {cfg.train_split: counts["difficult"], cfg.test_split: test_counts["difficult"]}}
         return train, test, info, None
     if len(roots) != 1:
-        raise ValueError(f"COCO takes one root (the folder holding annotations/ and {cfg.train_split}/), got {len(roots)}")
+        raise ConfigError(f"COCO takes one root (the folder holding annotations/ and {cfg.train_split}/), "
+                          f"got {len(roots)}")
     root = roots[0]
     counts = {split: dense.check_coco(root, split) for split in (cfg.train_split, cfg.test_split)}
     train, test = mmdet_adapter.coco_datasets(root, cfg.train_split, cfg.test_split, tuple(cfg.train_short_sides),
@@ -142,13 +144,14 @@ def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: De
                                  warmup_iters=cfg.warmup_iters, policy="step", steps=tuple(cfg.steps))
     return transfer.fine_tune_and_test(
         protocol=PROTOCOL_OF_TASK[cfg.task], subject=subject, cfg=dataclasses.asdict(cfg),
-        settings=settings(cfg), reference=_reference_settings(cfg.task), reference_label=f"the {cfg.task} reference protocol",
-        build_model=lambda: mmdet_adapter.build_model(model_cfg), model_cfg=model_cfg,
+        settings=settings(cfg), reference=_reference_settings(cfg.task),
+        reference_label=f"the {cfg.task} reference protocol", build_model=lambda: mmdet_adapter.build_model(model_cfg),
+        model_cfg=model_cfg,
         place=mmdet_adapter.backbone_placement(cfg.task), owned=mmdet_adapter.owned_prefixes(cfg.task),
         train_set=train_set, collate=mmdet_adapter.collate, schedule=schedule, batch_size=cfg.batch_size,
         evaluate=lambda model: mmdet_adapter.evaluate(model, test_set, cfg.task, annotation_file, progress),
-        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed, workers=cfg.workers,
-        save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
+        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed,
+        workers=cfg.workers, save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
         frozen_note=("stem+res2..res4 frozen, BN in eval; res5 (C4 RoI head) and its extra norm train"
                      if cfg.task == "voc-c4" else "stem+res2..res5 frozen, BN in eval; FPN and heads train"))
 
@@ -174,7 +177,8 @@ DET_VOC_C4 = Protocol(
     description="Faster R-CNN C4 on VOC07(+12) trainval, res5 + extra norm as the RoI head, tested on VOC07 test: "
     "AP50 (11-point, MMSelfSup's number), AP over IoU .50:.95 and AP75 (the paper's detectron2 numbers). Pass "
     "--data VOCdevkit/VOC2007 VOCdevkit/VOC2012 for 07+12. " + _DET_HELP,
-    metrics=("AP", "AP50", "AP75"), produces=("det_voc_c4_frozen", "det_voc_c4_mmdet", "det_voc_c4_frozen_minus_finetune"),
+    metrics=("AP", "AP50", "AP75"),
+    produces=("det_voc_c4_frozen", "det_voc_c4_mmdet", "det_voc_c4_frozen_minus_finetune"),
     fixed={"task": "voc-c4"}, configure=transfer.preset_configure(make_config, "voc-c4"),
     default_data=transfer.synthetic_task_data("voc-c4", several_roots=True),
     derived=lambda rows: transfer.frozen_gap_rows(rows, "det_voc_c4", "AP"), **_COMMON)

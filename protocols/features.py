@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,7 +29,12 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
-from baselines.infra import atomic_numpy_save, atomic_write_json, cache_root
+from baselines.infra import UserError, atomic_numpy_save, atomic_write_json, cache_root
+
+
+class FeatureCacheError(UserError, RuntimeError):
+    """A feature cache folder that belongs to other images; the message names it."""
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,7 +120,8 @@ def extract_to(
         if state.get("layers") == layers and state.get("rows") == n:
             done = int(state["done"])
     if done == 0:
-        arrays = {layer: open_memmap(partial[layer], mode="w+", dtype=np.float32, shape=(n, dims[layer])) for layer in layers}
+        arrays = {layer: open_memmap(partial[layer], mode="w+", dtype=np.float32, shape=(n, dims[layer]))
+                  for layer in layers}
     else:
         arrays = {layer: open_memmap(partial[layer], mode="r+") for layer in layers}
 
@@ -182,7 +188,7 @@ def cached_features(
         atomic_write_json(meta, dict(sorted({"pooling": pooling, "arch": backbone.name, **key}.items())))
     ids_file = folder / f"{split}_ids.json"
     if ids_file.exists() and json.loads(ids_file.read_text()) != list(ids):
-        raise RuntimeError(f"feature cache {folder} holds other image ids for split {split!r}; delete it")
+        raise FeatureCacheError(f"feature cache {folder} holds other image ids for split {split!r}; delete it")
     missing = [layer for layer in layers if not (folder / f"{split}_{layer}.npy").exists()]
     if missing:
         extract_to(folder, backbone, dataset, missing, pooling, split, **extract_kwargs)

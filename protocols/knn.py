@@ -11,6 +11,9 @@ searched with `faiss.knn`, the exhaustive inner-product search behind `IndexFlat
 partial top-k lists are merged in a `faiss.ResultHeap`. No full copy of the bank is ever made, so
 a 1.28M x 2048 float32 bank (10.5 GB) that lives on disk as the feature cache's memmap needs well
 under 1 GB of RAM besides the page cache.
+
+FAISS, torch and the datasets are imported by the functions that use them, so the declaration below
+(and `densecl-bench eval knn_in1k --help`) needs none of them.
 """
 
 from __future__ import annotations
@@ -20,25 +23,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
-from baselines.backbone import FEATURE_NAMES
-from baselines.config import option
-from protocols.common import resolve_device
-from protocols.datasets.classification import (
-    ClassificationSplit,
-    LabeledImages,
-    check_same_classes,
-    dataset_info,
-    default_splits,
-    load_split,
-)
-from protocols.features import cached_features, center_crop_transform
+from baselines.backbone_names import FEATURE_NAMES
+from baselines.config import ConfigError, option
 from protocols.registry import Protocol, Reading, synthetic_voc
 from protocols.result import ProtocolResult
+
+if TYPE_CHECKING:
+    from protocols.datasets.classification import ClassificationSplit
 
 DEFAULT_KS = (10, 20, 100, 200)
 NORM_EPS = 1e-12  # F.normalize's eps (§3.1)
@@ -54,7 +49,7 @@ def l2_normalise(rows: np.ndarray) -> np.ndarray:
 
 def _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature) -> list[int]:
     if not temperature > 0:
-        raise ValueError(f"k-NN temperature must be > 0, got {temperature}")
+        raise ConfigError(f"k-NN temperature must be > 0, got {temperature}")
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError(f"features must be 2-d (rows, dims); got bank {train_features.shape}, "
                          f"queries {test_features.shape}")
@@ -70,9 +65,9 @@ def _check_inputs(train_features, train_labels, test_features, test_labels, ks, 
         raise ValueError(f"bank has {train_features.shape[1]}-d features but queries {test_features.shape[1]}-d")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"k values must be positive integers, got {ks}")
+        raise ConfigError(f"k values must be positive integers, got {ks}")
     if ks[-1] > len(train_features):
-        raise ValueError(f"k={ks[-1]} is larger than the bank ({len(train_features)} rows)")
+        raise ConfigError(f"k={ks[-1]} is larger than the bank ({len(train_features)} rows)")
     return ks
 
 
@@ -85,6 +80,9 @@ def nearest_neighbours(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and bank indices of the top-k neighbours, best first: (Q, k) each."""
+    import faiss
+    from tqdm.auto import tqdm
+
     n, q = len(train_features), len(test_features)
     similarities = np.empty((q, k), dtype=np.float32)
     indices = np.empty((q, k), dtype=np.int64)
@@ -199,6 +197,10 @@ class KNNConfig:
 
 
 def split_features(subject, split: ClassificationSplit, layer: str, cfg: KNNConfig, progress: bool) -> np.ndarray:
+    from protocols.common import resolve_device
+    from protocols.datasets.classification import LabeledImages
+    from protocols.features import cached_features, center_crop_transform
+
     root = Path(split.root)
     ids = [os.path.relpath(path, root) for path, _ in split.samples]
     key = {"weights": subject.cache_id, "dataset": split.fingerprint(), "transform": "resize256-centercrop224"}
@@ -212,6 +214,8 @@ def split_features(subject, split: ClassificationSplit, layer: str, cfg: KNNConf
 
 def run(subject, data: str | os.PathLike, cfg: KNNConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
     """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1); work_dir is unused."""
+    from protocols.datasets.classification import check_same_classes, dataset_info, default_splits, load_split
+
     default_train, default_test = default_splits(data)
     resolved = KNNConfig(**{**asdict(cfg), "train_split": cfg.train_split or default_train,
                             "test_split": cfg.test_split or default_test, "ks": tuple(cfg.ks)})
@@ -259,4 +263,5 @@ KNN_IN1K = Protocol(
     "inner-product search over the train split, votes sum exp(s/T) (computed without overflow), top-1/top-5 on the "
     "val split. Data: an ImageNet-style folder (train/<class>/*, val/<class>/*), meta/{train,val}_labeled.txt list "
     "files, or a VOC root (each image labelled by its largest object). Without --data: the synthetic VOC set.",
-    metrics=('top1', 'top5'), config=KNNConfig, body=run, measurements=measurements, default_data=synthetic_voc, aliases=("knn",))
+    metrics=('top1', 'top5'), config=KNNConfig, body=run, measurements=measurements, default_data=synthetic_voc,
+    aliases=("knn",))

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from baselines.backbone import FEATURE_NAMES, Backbone, layer_list
-from baselines.config import option
+from baselines.backbone import FEATURE_NAMES, Backbone
 from baselines.data import load_rgb
 from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
 from protocols.common import resolve_device
@@ -44,70 +43,25 @@ from protocols.datasets.classification import (
     load_split,
 )
 from protocols.features import IMAGENET_MEAN, IMAGENET_STD, SVM_POOLS, svm_pool
-from protocols.registry import Protocol, Reading, synthetic_voc
+from protocols.linear_protocols import (  # noqa: F401  (the declarations and settings, re-exported)
+    LINEAR_IN1K,
+    LINEAR_IN1K_MHEAD,
+    LINEAR_PLACES205_MHEAD,
+    RECIPES,
+    SPEC_IMAGE_SIZE,
+    LinearConfig,
+    Recipe,
+    measurements,
+)
 from protocols.result import ProtocolResult
 
-SPEC_IMAGE_SIZE = 224
 STATE_FILE = "linear_state.pt"
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The reference hyper-parameters of one probe variant."""
-
-    epochs: int
-    milestones: tuple[int, ...]
-    lr: float
-    nesterov: bool
-    weight_decay: float
-    layers: tuple[str, ...]
-    head: str  # "mhead": pool -> BN -> fc per stage; "avgpool": GAP -> fc on feature5
-    augment: str  # "imagenet-mhead", "crop-flip" or "places" (see train_transform)
-    batch_size: int = 256
-    momentum: float = 0.9
-
-
-RECIPES = {
-    # §2.1 `r50_multihead.py`: step [30, 60, 90] over 90 epochs (the step at 90 never fires).
-    "mhead": Recipe(epochs=90, milestones=(30, 60), lr=0.01, nesterov=True, weight_decay=1e-4, layers=FEATURE_NAMES,
-                    head="mhead", augment="imagenet-mhead"),
-    # §2.3 `r50_last.py` = MoCo `main_lincls.py`.
-    "avgpool": Recipe(epochs=100, milestones=(60, 80), lr=30.0, nesterov=False, weight_decay=0.0,
-                      layers=("feature5",), head="avgpool", augment="crop-flip"),
-    # §2.2 Places205 `r50_multihead.py`: the mhead model, steps [7, 14, 21] over 28 epochs (21 fires), no colour aug.
-    "places205": Recipe(epochs=28, milestones=(7, 14, 21), lr=0.01, nesterov=True, weight_decay=1e-4,
-                        layers=FEATURE_NAMES, head="mhead", augment="places"),
-}
-
 # Fields that change the numbers: a resumed run must agree on all of them.
 RESULT_FIELDS = ("variant", "probe_epochs", "milestones", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
                  "image_size", "layers", "train_split", "test_split", "seed")
-
-
-@dataclass
-class LinearConfig:
-    variant: str = option("mhead", "recipe: mhead (§2.1), avgpool (§2.3) or places205 (§2.2)", choices=tuple(RECIPES))
-    probe_epochs: int | None = option(None, "training epochs of the heads (default: the recipe's 90/100/28; the LR "
-                                      "steps scale with it)")
-    milestones: tuple[int, ...] | None = option(None, "LR steps in epochs (default: the recipe's at the same "
-                                                "fractions of --probe-epochs)")
-    batch_size: int = option(256, "training batch")
-    lr: float | None = option(None, "base LR at batch 256 (default: the recipe's 0.01 / 30)")
-    scale_lr: bool = option(False, "multiply the LR by batch/256 (linear scaling)")
-    weight_decay: float | None = option(None, "weight decay (default: the recipe's 1e-4 / 0)")
-    momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool | None = option(None, "Nesterov momentum (default: the recipe's)")
-    image_size: int = option(SPEC_IMAGE_SIZE, "crop size; < 224 only for small runs (pools adapt to the §1.3 grids)")
-    layers: tuple[str, ...] | None = option(None, "mhead heads to train: comma list of feature1..feature5 or 'all' "
-                                            "(default: all five)", parse=layer_list)
-    train_split: str | None = option(None, "default: train, or trainval on a VOC root")
-    test_split: str | None = option(None, "default: val, or test on a VOC root")
-    seed: int = option(0, "seeds the head init, the epoch order and every augmentation")
-    workers: int = option(2, "data-loading processes")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    eval_every: int = option(0, "also evaluate every N epochs (0: only at the end)")
-    checkpoint_seconds: float = option(600.0, "mid-epoch state saves, seconds apart (with a work dir)")
 
 
 def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
@@ -359,15 +313,25 @@ def save_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict, optim
 
 def load_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict,
                optimizer: torch.optim.Optimizer) -> TrainingState:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("version") != STATE_VERSION:
-        raise ValueError(f"{path} is a linear-probe state of version {saved.get('version')}, expected {STATE_VERSION}")
+    """The probe state saved at `path`, checked to belong to this run; a damaged or foreign file is one line."""
+    from baselines.config import ConfigError
+    from baselines.infra import load_torch_file
+
+    fix = "delete it to start the probe afresh, or give another --work-dir"
+    saved = load_torch_file(path, "linear-probe state", fix)
+    version = saved.get("version") if isinstance(saved, dict) else None
+    if version != STATE_VERSION:
+        raise ConfigError(f"{path} is not a linear-probe state of version {STATE_VERSION} (found "
+                          f"{type(saved).__name__ if version is None else f'version {version}'}); {fix}")
     differs = sorted(key for key in identity if saved["identity"].get(key) != identity[key])
     if differs:
-        raise ValueError(f"{path} belongs to a run with another {', '.join(differs)}: use another output folder")
-    heads.load_state_dict(saved["heads"])
-    optimizer.load_state_dict(saved["optimizer"])
-    state = TrainingState(**saved["state"])
+        raise ConfigError(f"{path} belongs to a run with another {', '.join(differs)}: give another --work-dir")
+    try:
+        heads.load_state_dict(saved["heads"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainingState(**saved["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{path} does not fit this probe ({str(err).strip().splitlines()[0]}); {fix}") from None
     state.evaluations = {int(epoch): metrics for epoch, metrics in state.evaluations.items()}
     return state
 
@@ -478,35 +442,3 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
 
 
 PROTOCOL_OF_VARIANT = {"avgpool": "linear_in1k", "mhead": "linear_in1k_mhead", "places205": "linear_places205_mhead"}
-
-
-def measurements(result: ProtocolResult) -> list[Reading]:
-    """`<layer>/top1` -> (protocol, layer, top1), and top5 likewise; the best-head summary is left out."""
-    readings = []
-    for name, value in result.metrics.items():
-        layer, _, metric = name.partition("/")
-        if value is not None and layer != "best" and metric in ("top1", "top5"):
-            readings.append(Reading(result.protocol, metric, value, layer=layer))
-    return readings
-
-
-_LINEAR_HELP = ("The backbone stays frozen in eval mode. Data: an ImageNet-style folder (train/<class>/*, "
-                "val/<class>/*), meta/{train,val}_labeled.txt list files, or a VOC root (largest object per image). "
-                "--probe-epochs scales the LR steps; the resolved schedule is recorded. With --work-dir the run is "
-                "resumable (nothing lost on Ctrl-C).")
-_COMMON = dict(config=LinearConfig, body=run, measurements=measurements, default_data=synthetic_voc,
-               metrics=("top1", "top5"), resumable=True)
-LINEAR_IN1K = Protocol(
-    name="linear_in1k", summary="ImageNet linear probe on GAP res5, the MoCo recipe (spec §2.3)",
-    description="GAP res5 -> Linear, SGD lr 30, wd 0, steps 60/80 of 100 epochs, batch 256, crop+flip. " + _LINEAR_HELP,
-    fixed={"variant": "avgpool"}, **_COMMON)
-LINEAR_IN1K_MHEAD = Protocol(
-    name="linear_in1k_mhead", summary="ImageNet linear heads on each frozen stage, OpenSelfSup r50_multihead (§2.1)",
-    description="Per stage AvgPool -> BN without affine -> Linear, SGD lr 0.01 Nesterov wd 1e-4, steps 30/60 of 90 "
-    "epochs, batch 256, crop+flip+colour jitter+Lighting. " + _LINEAR_HELP,
-    fixed={"variant": "mhead"}, **_COMMON)
-LINEAR_PLACES205_MHEAD = Protocol(
-    name="linear_places205_mhead", summary="Places205 linear heads on each frozen stage (spec §2.2)",
-    description="The mhead model on Places205 (205 classes): steps 7/14/21 of 28 epochs, Resize 256 -> CenterCrop "
-    "256 -> RandomCrop 224 -> flip, no colour augmentation. " + _LINEAR_HELP,
-    fixed={"variant": "places205"}, **_COMMON)

@@ -141,5 +141,6 @@ def evaluate(model: nn.Module, dataset: Any, progress: bool = True) -> tuple[dic
                     len(classes), IGNORE_INDEX)
                 totals += np.stack([intersect.numpy(), union.numpy(), label.numpy()])
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_class = {name: (100 * float(i / u) if u > 0 else float("nan")) for name, i, u in zip(classes, *totals[:2])}
+        per_class = {name: (100 * float(i / u) if u > 0 else float("nan"))
+                     for name, i, u in zip(classes, *totals[:2], strict=True)}
     return miou(*totals), per_class

@@ -9,7 +9,8 @@ MoCo-v2's step), which is what the verdict's paired interval is computed over:
 - end-to-end: the same step fed by the real two-view data pipeline (DataLoader + augmentation).
 
 `benchmarks/pretrain_step.py` prints these figures (and peak memory); `eval pretrain_overhead` stores them,
-or reads a stored benchmark JSON (`--from-json`) instead of measuring.
+or reads a stored benchmark JSON (`--from-json`) instead of measuring. torch is imported by the code that
+measures, so the declaration below (and `densecl-bench eval pretrain_overhead --help`) does not need it.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader
-
-from baselines.config import option
+from baselines.config import ConfigError, option
 from baselines.infra import seed_everything
 from baselines.methods import METHODS, paper_name
 from protocols.registry import DefaultData, Protocol, Reading
 from protocols.result import ProtocolResult
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
 
 COMPARED = ("mocov2", "densecl")
 MODES = ("compute_only", "end_to_end")
@@ -58,6 +60,8 @@ class Stepper:
     """One method's model + optimizer; `step(im_q, im_k)` is one full training iteration."""
 
     def __init__(self, method: str, cfg: OverheadConfig, device: torch.device) -> None:
+        import torch
+
         from baselines.train import PretrainConfig, build_model
 
         pretrain = PretrainConfig(method=method, arch=cfg.arch, queue_size=cfg.queue_size,
@@ -73,6 +77,8 @@ class Stepper:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+        import torch
+
         im_q = im_q.to(self.device, non_blocking=True, memory_format=self.memory_format)
         im_k = im_k.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -82,6 +88,8 @@ class Stepper:
         self.optimizer.step()
 
     def sync(self) -> None:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -111,6 +119,9 @@ def interleave(steppers: dict[str, Stepper], batches: Callable, steps: int, warm
 
 
 def loader_for(files: list[str], cfg: OverheadConfig) -> DataLoader:
+    import torch
+    from torch.utils.data import DataLoader
+
     from baselines.augment import TwoViews, mocov2_augmentation
     from baselines.data import PretrainImages, PretrainSampler
 
@@ -137,6 +148,8 @@ def summarize(times: dict[str, list[float]], batch_size: int) -> dict[str, Any]:
 
 def measure(cfg: OverheadConfig, images: str | Path | None, progress: bool = False) -> dict[str, Any]:
     """The paired step times of both methods: {"compute_only": {...}, "end_to_end": {...}, "device": ...}."""
+    import torch
+
     from baselines.data import find_images
     from protocols.common import resolve_device
 
@@ -168,16 +181,24 @@ def _pretraining_images(progress: bool = True) -> DefaultData:
     return DefaultData(root, {}, f"the synthetic pretraining images in {root}")
 
 
+def _benchmark_json(path: Path) -> dict[str, Any]:
+    """The figures of `benchmarks/pretrain_step.py --json`; anything else is a one-line error naming the file."""
+    what = "a benchmarks/pretrain_step.py --json file with per-step times"
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--from-json {path}: not {what} ({err})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"--from-json {path}: not {what}")
+    missing = [key for key in ("compute_only", "config") if key not in report]
+    if missing or "times" not in report["compute_only"]:
+        raise ConfigError(f"--from-json {path}: not {what} (missing {', '.join(missing) or 'compute_only.times'})")
+    return report
+
+
 def run(subject, data, cfg: OverheadConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
     """Measure (or read) the paired step times; `subject` is unused: both models start from the same fresh init."""
-    if cfg.from_json:
-        report = json.loads(Path(cfg.from_json).read_text())
-        missing = [key for key in ("compute_only", "config") if key not in report]
-        if missing or "times" not in report["compute_only"]:
-            raise ValueError(f"{cfg.from_json}: not a benchmarks/pretrain_step.py --json file with per-step times "
-                             f"(missing {', '.join(missing) or 'compute_only.times'})")
-    else:
-        report = measure(cfg, data, progress)
+    report = _benchmark_json(Path(cfg.from_json)) if cfg.from_json else measure(cfg, data, progress)
     metrics: dict[str, float] = {}
     for mode in MODES:
         if mode in report:
@@ -207,4 +228,5 @@ PRETRAIN_OVERHEAD = Protocol(
     "(compute-only, and end-to-end with the real data pipeline on --data images, default the synthetic pretraining "
     "images). Every paired round is one observation for the '<1% slower' claim. --from-json reads the output of "
     "benchmarks/pretrain_step.py --json instead of measuring. No checkpoint is needed.",
-    metrics=('step_time', 'slowdown_pct'), config=OverheadConfig, body=run, measurements=measurements, default_data=_pretraining_images, subject="none")
+    metrics=('step_time', 'slowdown_pct'), config=OverheadConfig, body=run, measurements=measurements,
+    default_data=_pretraining_images, subject="none")

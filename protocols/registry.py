@@ -6,7 +6,11 @@ used as it is by the CLI (`densecl-bench eval <name>`), the results store and `c
 - `run(subject, data, cfg, *, work_dir, progress) -> ProtocolResult`;
 - `measurements(result) -> [Reading]`: its metrics as the claims name them (protocol_id, layer, k, metric).
 
-`PROTOCOLS` maps a name to "module:attribute" so that nothing heavy is imported until a protocol is used.
+`PROTOCOLS` maps a name to "module:attribute" so that nothing heavy is imported until a protocol is used:
+a declaration module imports torch (and sklearn, faiss, ...) only inside the functions that run, so
+`densecl-bench eval <name> --help` builds its flags without them. Where a protocol's code cannot be
+imported lazily (the linear probes subclass torch's Dataset at module level), the declaration lives in
+a light module of its own and names its functions with `Lazy("module:function")`.
 Adding a protocol is its module plus one line here.
 """
 
@@ -19,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baselines.infra import UserError
 from protocols.result import ProtocolResult
 
 PROTOCOLS: dict[str, str] = {
     "voc07_svm": "protocols.voc_svm:VOC07_SVM",
     "voc07_lowshot": "protocols.voc_svm:VOC07_LOWSHOT",
     "knn_in1k": "protocols.knn:KNN_IN1K",
-    "linear_in1k": "protocols.linear:LINEAR_IN1K",
-    "linear_in1k_mhead": "protocols.linear:LINEAR_IN1K_MHEAD",
-    "linear_places205_mhead": "protocols.linear:LINEAR_PLACES205_MHEAD",
+    "linear_in1k": "protocols.linear_protocols:LINEAR_IN1K",
+    "linear_in1k_mhead": "protocols.linear_protocols:LINEAR_IN1K_MHEAD",
+    "linear_places205_mhead": "protocols.linear_protocols:LINEAR_PLACES205_MHEAD",
     "det_voc_c4": "protocols.detection:DET_VOC_C4",
     "det_coco_mask_fpn": "protocols.detection:DET_COCO_MASK_FPN",
     "seg_voc_fcn": "protocols.segmentation:SEG_VOC_FCN",
@@ -40,8 +45,20 @@ PROTOCOLS: dict[str, str] = {
 LEGACY_NAMES = {"knn": "knn_in1k", "det_coco_fpn": "det_coco_mask_fpn"}
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """An unknown protocol name or a protocol used the wrong way; one line."""
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A function named "module:attribute", imported at its first call: a declaration can name a heavy
+    module's function without importing that module."""
+
+    target: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)(*args, **kwargs)
 
 
 @dataclass(frozen=True)

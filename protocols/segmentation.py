@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baselines.config import option
+from baselines.config import ConfigError, option
 from protocols import transfer
 from protocols.common import BackboneUnderTest, resolve_device
 from protocols.registry import Protocol, Reading
@@ -49,9 +49,9 @@ class SegmentationConfig(transfer.TransferSettings):
     def validate(self) -> None:
         for name, value, allowed in (("task", self.task, TASKS), ("mode", self.mode, MODES)):
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+                raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
         if self.iterations < 1 or self.batch_size < 1 or self.crop_size < 16:
-            raise ValueError("iterations and batch size must be positive and the crop at least 16 pixels")
+            raise ConfigError("iterations and batch size must be positive and the crop at least 16 pixels")
 
 
 REFERENCE = {
@@ -111,8 +111,8 @@ def _data(cfg: SegmentationConfig, root: Path) -> tuple[Any, Any, dict[str, Any]
                if cfg.task == "voc-fcn" else "(Cityscapes gtFine train)")
             + "; pass --no-check-counts to run anyway")
     if expected and n_test != expected["test"]:
-        raise dense.DenseDataError(f"{root}: {n_test} test images, the reference protocol tests on {expected['test']:,}; "
-                                   "pass --no-check-counts to run anyway")
+        raise dense.DenseDataError(f"{root}: {n_test} test images, the reference protocol tests on "
+                                   f"{expected['test']:,}; pass --no-check-counts to run anyway")
     if len(train) != n_train:
         raise dense.DenseDataError(f"{root}: mmseg read {len(train)} training images, the lists name {n_train}")
     info = {"name": root.name, "root": str(root.resolve()), "layout": layout,
@@ -131,7 +131,7 @@ def run(subject: BackboneUnderTest, data: str | Path | list, cfg: SegmentationCo
         raise ValueError("segmentation needs a work_dir for its resumable training state")
     if isinstance(data, (list, tuple)):
         if len(data) != 1:
-            raise ValueError(f"segmentation takes one data root, got {len(data)}")
+            raise ConfigError(f"segmentation takes one data root, got {len(data)}")
         data = data[0]
     depth = transfer.resnet_depth(subject.info["arch"])
     train_set, test_set, dataset_info = _data(cfg, Path(data))
@@ -149,12 +149,13 @@ def run(subject: BackboneUnderTest, data: str | Path | list, cfg: SegmentationCo
 
     result = transfer.fine_tune_and_test(
         protocol=PROTOCOL_OF_TASK[cfg.task], subject=subject, cfg=dataclasses.asdict(cfg),
-        settings=settings(cfg), reference=_reference_settings(cfg.task), reference_label=f"the {cfg.task} reference protocol",
-        build_model=lambda: mmseg_adapter.build_model(model_cfg), model_cfg=model_cfg,
+        settings=settings(cfg), reference=_reference_settings(cfg.task),
+        reference_label=f"the {cfg.task} reference protocol", build_model=lambda: mmseg_adapter.build_model(model_cfg),
+        model_cfg=model_cfg,
         place=mmseg_adapter.backbone_placement, owned=("backbone.",), train_set=train_set,
         collate=mmseg_adapter.collate, schedule=schedule, batch_size=cfg.batch_size, evaluate=evaluate,
-        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed, workers=cfg.workers,
-        save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
+        dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed,
+        workers=cfg.workers, save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
         frozen_note="stem+res2..res5 frozen, BN in eval; decode and auxiliary heads train")
     result.details["per_class_iou"] = per_class
     return result

@@ -44,7 +44,6 @@ violation is reported too (liblinear stops when its spread is below its tol, 1e-
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -58,10 +57,11 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
+from baselines.infra import get_logger
 from protocols import voc_svm
 from protocols.voc_svm import SVMInputError
 
-LOG = logging.getLogger("densecl_bench.svm")
+LOG = get_logger("svm")
 
 DEFAULT_TOL = 1e-7  # certified relative error of w~ (and of unit-norm rows' decision values)
 POSITIVE_WEIGHT = float(voc_svm.CLASS_WEIGHT[1]) / float(voc_svm.CLASS_WEIGHT[-1])
@@ -178,8 +178,8 @@ def _group_bounds(group: torch.Tensor) -> list[tuple[int, int, int]]:
         return []
     values, counts = torch.unique_consecutive(group.cpu(), return_counts=True)
     stops = torch.cumsum(counts, 0).tolist()
-    starts = [0] + stops[:-1]
-    return list(zip(values.tolist(), starts, stops))
+    starts = [0, *stops[:-1]]
+    return list(zip(values.tolist(), starts, stops, strict=True))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -373,7 +373,8 @@ def _stage_a(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSetting
     good = done & ~invalid
     for part in torch.split(torch.arange(fcount, device=device), max(1, (256 << 20) // (8 * len(costs) * n))):
         width = steps
-        sol.beta[part] = torch.where(done[part, :, None], root[part, None] * torch.bmm(store[part], basis[part, :width]),
+        sol.beta[part] = torch.where(done[part, :, None],
+                                     root[part, None] * torch.bmm(store[part], basis[part, :width]),
                                      sol.beta[part])
         sol.out[part] = torch.where(done[part, :, None], torch.bmm(store[part], images[part, :width]), sol.out[part])
     sol.stage[good] = 1
@@ -407,7 +408,8 @@ def _cholesky_points(gram: _Gram, group, y, s, act) -> torch.Tensor:
         m = max(1, sizes_sorted[stop - 1])
         a_mask = act[idx]
         # Active row indices first, padded with index 0 (masked out below).
-        keys = torch.where(a_mask, torch.arange(n, device=y.device)[None, :], n + torch.arange(n, device=y.device)[None, :])
+        keys = torch.where(a_mask, torch.arange(n, device=y.device)[None, :],
+                           n + torch.arange(n, device=y.device)[None, :])
         cols = torch.sort(keys, dim=-1).values[:, :m]
         valid = cols < n
         cols = torch.where(valid, cols, 0)
@@ -594,8 +596,10 @@ def _stage_b(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSetting
             lc, l1, l2 = torch.log(costs[j]), torch.log(costs[safe]), torch.log(costs[s2])
             ratio = torch.where(ok2, (lc - l1) / torch.clamp(l1 - l2, min=1e-12), 0.0)[:, None]
             ratio = torch.clamp(ratio, max=2.0)
-            cands.append((torch.where(ok2[:, None], sol.beta[fams, safe] + ratio * (sol.beta[fams, safe] - sol.beta[fams, s2]), 0.0),
-                          torch.where(ok2[:, None], sol.out[fams, safe] + ratio * (sol.out[fams, safe] - sol.out[fams, s2]), 0.0)))
+            cands.append((torch.where(ok2[:, None],
+                                      sol.beta[fams, safe] + ratio * (sol.beta[fams, safe] - sol.beta[fams, s2]), 0.0),
+                          torch.where(ok2[:, None],
+                                      sol.out[fams, safe] + ratio * (sol.out[fams, safe] - sol.out[fams, s2]), 0.0)))
         for cb, co in cands:
             f = _objective(cb, co, y, s)
             better = f < best
@@ -683,7 +687,8 @@ def _stage_b(gram: _Gram, fam: _Families, costs: torch.Tensor, st: SolverSetting
             beta[rows] = bb + t[:, None] * dbeta
             out[rows] = ob + t[:, None] * dout
             exact[rows] = same
-        LOG.debug("stage B cost %.4g: %d problems, Newton iterations max %d mean %.2f, %s, new factors %.1f GFLOP, %.1f CPU-s",
+        LOG.debug("stage B cost %.4g: %d problems, Newton iterations max %d mean %.2f, %s, "
+                  "new factors %.1f GFLOP, %.1f CPU-s",
                   float(costs[j]), len(fams), int(iters.max()), float(iters.double().mean()), counts,
                   cache.factorised_rows3 / 1e9, time.process_time() - level_cpu)
         # Certificate for every problem of the level: ||grad f|| and ||w~|| at the final point.
@@ -926,7 +931,8 @@ def train_and_test_svm_batched(
             d_rows.append(weight[c] * mask)
     fam_class_t = torch.tensor(fam_class, device=dev)
     fam = _Families(group=torch.zeros(len(fam_class), dtype=torch.long, device=dev), y=y_all[fam_class_t],
-                    d=torch.stack(d_rows), need=torch.ones(len(fam_class), len(ascending), dtype=torch.bool, device=dev))
+                    d=torch.stack(d_rows),
+                    need=torch.ones(len(fam_class), len(ascending), dtype=torch.bool, device=dev))
     total_fits = len(fam_class) * n_costs + n_classes
     with _progress(total_fits, desc, progress) as bar:
         cv_sol = _solve_families(gram, fam, torch.from_numpy(ascending).to(dev), st, bar)
@@ -935,7 +941,7 @@ def train_and_test_svm_batched(
         out = cv_sol.out.cpu().numpy()  # decision values on every row: the validation rows' are the CV scores
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for i, (c, f) in enumerate(zip(fam_class, fam_fold)):
+            for i, (c, f) in enumerate(zip(fam_class, fam_fold, strict=True)):
                 val = splits[c][f][1]
                 for j in range(len(ascending)):
                     fold_ap[c, f, j] = average_precision_score(signed[val, c], out[i, j, val])
@@ -1093,7 +1099,7 @@ def _low_shot_chunk(keys, rows, samples, sample_ids, k, ki, blocks, gram_all, te
     fcount, jcount = len(keys), len(cost_t)
     idx = [torch.from_numpy(r).to(dev) for r in rows]
     signs = []
-    for (si, c), r in zip(keys, rows):
+    for (si, c), r in zip(keys, rows, strict=True):
         signs.append(np.where(samples[(sample_ids[si], k)][r, c] == 1, 1.0, -1.0))
     if blocks:
         m = len(rows[0])
@@ -1108,7 +1114,7 @@ def _low_shot_chunk(keys, rows, samples, sample_ids, k, ki, blocks, gram_all, te
         gram = _Gram(gram_all[None])
         y = torch.ones(fcount, n, dtype=torch.float64, device=dev)
         d = torch.zeros(fcount, n, dtype=torch.float64, device=dev)
-        for f, (i, sg) in enumerate(zip(idx, signs)):
+        for f, (i, sg) in enumerate(zip(idx, signs, strict=True)):
             y[f, i] = torch.from_numpy(sg).to(dev)
             d[f, i] = _class_weights(y[f, i])
         group = torch.zeros(fcount, dtype=torch.long, device=dev)

@@ -10,6 +10,9 @@ OpenMMLab model, with the parts users get wrong made loud.
   schedules define them), checkpointed every few iterations so an interrupted run resumes.
 - `deviations`: how a run differs from the reference protocol (batch, LR, iterations, sizes, norm),
   written into every result and warned about: most reproduction gaps users report come from these.
+
+torch and tqdm are imported by the functions that train, so the protocol declarations built on this
+module (settings, presets) stay importable without them.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
 
-from baselines.config import option
-from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
+from baselines.config import ConfigError, option
+from baselines.infra import Interrupted, StopRequest, UserError, atomic_torch_save, derived_seed, seed_everything
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MODES = ("finetune", "frozen")
 PRESETS = ("reference", "small")
@@ -51,16 +55,21 @@ class TransferSettings:
     preset: str = option("reference", "reference: the published protocol; small: CPU scale (the default on the "
                          "synthetic data)", choices=PRESETS)
 INSTALL_HINT = ("install the OpenMMLab stack: `pip install -e '.[dense]'` then "
-                "`python scripts/install_mm_stack.py` (builds and caches mmcv 2.1.0 with its ops; README 'Dense protocols')")
+                "`python scripts/install_mm_stack.py` (builds and caches mmcv 2.1.0 with its ops; "
+                "README 'Dense protocols')")
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 
-class MMStackMissing(RuntimeError):
+class MMStackMissing(UserError, RuntimeError):
     """mmcv (with compiled ops), mmdet or mmsegmentation is not importable."""
 
 
-class WeightTransferError(RuntimeError):
+class WeightTransferError(UserError, RuntimeError):
     """The checkpoint's backbone does not fit the model exactly; the message lists the keys."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The training loss became non-finite; the message names the iteration and what to lower."""
 
 
 def require_mm_stack(package: str) -> None:
@@ -96,7 +105,7 @@ def use_mm_scope(scope: str) -> None:
 def resnet_depth(arch: str) -> int:
     """The mmdet/mmseg `ResNet(depth=...)` equal to our torchvision-style ResNet `arch`."""
     if arch not in RESNET_DEPTHS:
-        raise ValueError(f"the dense protocols take a torchvision-style ResNet ({', '.join(RESNET_DEPTHS)}); "
+        raise WeightTransferError(f"the dense protocols take a torchvision-style ResNet ({', '.join(RESNET_DEPTHS)}); "
                          f"the checkpoint is a {arch}")
     return RESNET_DEPTHS[arch]
 
@@ -141,6 +150,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def batchnorm_in_eval(module: nn.Module) -> bool:
+    from torch import nn
+
     return all(not m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
@@ -176,9 +187,9 @@ def make_task_config(config_class, reference: Mapping[str, Any], small: Mapping[
                      preset: str, overrides: Mapping[str, Any]):
     """`reference[task]`, scaled down by the `small` preset, then `overrides` (None values ignored), validated."""
     if task not in reference:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(reference)}")
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(reference)}")
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dataclasses.asdict(reference[task])
     if preset == "small":
         values.update(small[task])
@@ -209,7 +220,7 @@ def config_digest(values: Mapping[str, Any]) -> str:
 def infinite_batches(size: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
     """Batches of (iteration, index) over a reshuffled-per-epoch order; batch i depends only on (seed, i)."""
     if size < batch_size:
-        raise ValueError(f"the training set has {size} images, fewer than one batch of {batch_size}")
+        raise ConfigError(f"the training set has {size} images, fewer than one batch of {batch_size}")
     per_epoch = size // batch_size
     iteration = start
     while True:
@@ -219,7 +230,7 @@ def infinite_batches(size: int, batch_size: int, seed: int, start: int = 0) -> I
         iteration += 1
 
 
-class SeededSamples(torch.utils.data.Dataset):
+class SeededSamples:
     """Seeds python/numpy/torch from (seed, iteration, index) before each sample's random transforms,
     so an interrupted run resumes with exactly the augmentation it would have had, with any workers."""
 
@@ -244,13 +255,17 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
     and at the end; a second call with the same `digest` resumes from it (a finished run returns at
     once). Returns {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ...}.
     """
+    import torch
+    from tqdm import tqdm
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     start, losses, seconds = 0, [], 0.0
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("digest") != digest:
-            raise ValueError(f"{state_path} belongs to a different run configuration; remove it or choose another --work-dir")
+            raise ConfigError(f"{state_path} belongs to a different run configuration; remove it or choose another "
+                              "--work-dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses, seconds = state["iteration"], state["losses"], state["seconds"]
@@ -282,7 +297,7 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
             loss, log = model.parse_losses(loss_terms)
             if not math.isfinite(loss.item()):
                 save(iteration)
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at iteration {iteration} "
+                raise DivergedError(f"{desc}: loss is {loss.item()} at iteration {iteration} "
                                          f"({', '.join(f'{k}={float(v):.3g}' for k, v in log.items())}); lower the LR")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -333,7 +348,8 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
         raise RuntimeError("frozen mode left backbone parameters trainable or BN in train mode")
     if not frozen and groups["frozen"]:
         raise RuntimeError(f"fine-tune mode froze {groups['frozen']}")
-    digest_values = {"protocol": protocol, "cfg": {k: v for k, v in cfg.items() if k not in ("workers", "device", "save_every")},
+    runtime = ("workers", "device", "save_every")
+    digest_values = {"protocol": protocol, "cfg": {k: v for k, v in cfg.items() if k not in runtime},
                      "weights": subject.cache_id, "data": dataset_info}
     digest = config_digest(digest_values)
     build_seconds = time.perf_counter() - started

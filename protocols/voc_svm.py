@@ -13,13 +13,15 @@ Why it is faster than the reference while giving the same numbers:
   tests one; the fits it throws away cannot change the result;
 - one BLAS thread per worker, and sklearn's per-call finiteness scan of the test matrix is
   skipped (the features were checked once).
+
+sklearn, threadpoolctl and tqdm are imported where the fits run, so the declarations below (and
+`densecl-bench eval voc07_svm --help`) need none of them.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import logging
 import multiprocessing
 import os
 import re
@@ -34,27 +36,23 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sklearn
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import average_precision_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
-from baselines.backbone import layer_list
+from baselines.backbone_names import layer_list
 from baselines.config import option
-from baselines.infra import atomic_numpy_save, to_jsonable
-from protocols.datasets.synthetic import is_synthetic_root
+from baselines.infra import UserError, atomic_numpy_save, get_logger, load_numpy_file, to_jsonable
 from protocols.datasets.voc import VOC_CLASSES
 from protocols.registry import Protocol, Reading, synthetic_voc
 from protocols.result import ProtocolResult
 
+if TYPE_CHECKING:
+    from sklearn.svm import LinearSVC
+    from tqdm import tqdm
+
 # §1.4: `parse_cost_list("1.0,10.0,100.0")` = [1, 10, 100] + [0.5**n for n in 4..19].
-DEFAULT_COSTS: tuple[float, ...] = (1.0, 10.0, 100.0) + tuple(0.5**n for n in range(4, 20))
+DEFAULT_COSTS: tuple[float, ...] = (1.0, 10.0, 100.0, *(0.5**n for n in range(4, 20)))
 LOW_SHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96)  # §1.7, MODE="full"
 NORM_EPS = 1e-5  # x / (||x|| + 1e-5), svm_helper.normalize_features (§1.4)
 CLASS_WEIGHT = {1: 2, -1: 1}
@@ -65,10 +63,10 @@ LOW_SHOT_COST_SELECTION = (
 )
 _SAMPLE_NAME = re.compile(r"^sample(\d+)_k(\d+)$")
 SOLVERS = ("liblinear", "batched")
-LOG = logging.getLogger("densecl_bench.voc_svm")
+LOG = get_logger("voc_svm")
 
 
-class SVMInputError(ValueError):
+class SVMInputError(UserError, ValueError):
     """Inputs the SVM protocol cannot run on; the message is one line that says which and why."""
 
 
@@ -241,6 +239,8 @@ _STATE: dict[str, Any] = {}
 
 
 def _worker_init(array_paths: dict[str, str], settings: dict[str, Any]) -> None:
+    from threadpoolctl import threadpool_limits
+
     # One BLAS thread per worker: the workers already fill the cores (and results stay identical).
     _STATE["blas_limit"] = threadpool_limits(limits=1, user_api="blas")
     _STATE.update({name: np.load(path, mmap_mode="r") for name, path in array_paths.items()})
@@ -249,6 +249,8 @@ def _worker_init(array_paths: dict[str, str], settings: dict[str, Any]) -> None:
 
 def _svm(cost: float) -> LinearSVC:
     """The reference's classifier (§1.4), with a fixed random_state so every fit is reproducible."""
+    from sklearn.svm import LinearSVC
+
     return LinearSVC(
         C=cost, class_weight=CLASS_WEIGHT, penalty="l2", loss="squared_hinge", dual=True,
         tol=_STATE["tol"], max_iter=_STATE["max_iter"], intercept_scaling=1.0, random_state=_STATE["seed"],
@@ -263,6 +265,8 @@ class _WarningTally:
     other: set[str] = field(default_factory=set)
 
     def record(self, caught: Iterable[warnings.WarningMessage]) -> None:
+        from sklearn.exceptions import ConvergenceWarning
+
         for w in caught:
             if issubclass(w.category, ConvergenceWarning):
                 self.convergence += 1
@@ -277,6 +281,8 @@ class _WarningTally:
 def _counting_warnings(task: Callable[..., Any], *args: Any) -> tuple[Any, _WarningTally]:
     """Run one task. normalise_features already checked the features are finite, so sklearn's own
     check (a full pass over the test matrix on every decision_function) is skipped; values are unchanged."""
+    import sklearn
+
     tally = _WarningTally()
     with warnings.catch_warnings(record=True) as caught, sklearn.config_context(assume_finite=True):
         warnings.simplefilter("always")
@@ -297,6 +303,9 @@ def _cross_validate(c: int, cost: float) -> float:
 
     The same folds, fits and score as `cross_val_score(clf, X, y, cv=3, scoring="average_precision")`.
     """
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import StratifiedKFold
+
     x, y = _STATE["train_x"], _STATE["train_signed"][:, c]
     fold_ap = []
     for fit_rows, val_rows in StratifiedKFold(n_splits=_STATE["folds"]).split(np.zeros(len(y)), y):
@@ -337,6 +346,8 @@ class _InlineExecutor(Executor):
     """Runs each task at submit time in this process: workers=1 needs no pool and no files."""
 
     def __init__(self) -> None:
+        from threadpoolctl import threadpool_limits
+
         self._blas = threadpool_limits(limits=1, user_api="blas")  # same BLAS setting as a worker
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -450,6 +461,8 @@ def _drive(
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit="fit", disable=not enabled, dynamic_ncols=True, leave=False)
 
 
@@ -672,7 +685,8 @@ def read_fair_samples(
             if len(paths) != 1:
                 problem = "no file" if not paths else f"{len(paths)} files ({', '.join(p.name for p in paths)})"
                 raise SVMInputError(f"{folder}: {problem} named *_sample{s}_k{k}.npy; expected exactly one")
-            sample = np.load(paths[0], allow_pickle=False)
+            sample = load_numpy_file(paths[0], "low-shot sample file",
+                                     "rewrite it as an integer .npy array of -1/0/1 targets")
             result[(s, k)] = validate_low_shot_sample(sample, train_y, k, negatives_per_positive, what=str(paths[0]))
     return result
 
@@ -891,7 +905,8 @@ class VOC07LowShotConfig(VOCFeatures):
                              device=self.device)
 
 
-def feasible_ks(train_y: np.ndarray, ks: Iterable[int], negatives_per_positive: int = NEGATIVES_PER_POSITIVE) -> tuple[int, ...]:
+def feasible_ks(train_y: np.ndarray, ks: Iterable[int],
+                negatives_per_positive: int = NEGATIVES_PER_POSITIVE) -> tuple[int, ...]:
     """The ks for which every class has k positives and 19k negatives (small datasets cannot fit k=96)."""
     positives = int((train_y == 1).sum(axis=0).min())
     negatives = int((train_y == 0).sum(axis=0).min())
@@ -903,6 +918,7 @@ def voc07_features(subject, root: str | os.PathLike, cfg: VOCFeatures, progress:
     from protocols.common import resolve_device
     from protocols.datasets import voc
     from protocols.datasets.classification import LabeledImages
+    from protocols.datasets.synthetic import is_synthetic_root
     from protocols.features import cached_features, svm_transform
 
     root = Path(root)
@@ -915,7 +931,7 @@ def voc07_features(subject, root: str | os.PathLike, cfg: VOCFeatures, progress:
         missing = next((p for p in paths if not p.is_file()), None)
         if missing:
             raise SVMInputError(f"image {missing} listed in split {split!r} does not exist")
-        for image_id, path in zip(ids, paths):
+        for image_id, path in zip(ids, paths, strict=True):
             digest.update(f"{split}/{image_id}\0{path.stat().st_size}\n".encode())
         digest.update(y.tobytes())
         dataset = LabeledImages([(str(p), 0) for p in paths], svm_transform())
@@ -1028,5 +1044,5 @@ VOC07_LOWSHOT = Protocol(
     description="VOC07 low-shot SVM: for each k, 5 samples of k positives and 19k negatives per class (seeded, or "
     "FAIR's sample files via --sample-dir), no CV; the cost is chosen on the test set as the reference does. Reports "
     "mean/min/max/std over samples. ks the data cannot supply are dropped with a warning.",
-    metrics=('mAP',), config=VOC07LowShotConfig, body=run_lowshot, measurements=lowshot_measurements, default_data=synthetic_voc,
-    aliases=("voc-lowshot",))
+    metrics=('mAP',), config=VOC07LowShotConfig, body=run_lowshot, measurements=lowshot_measurements,
+    default_data=synthetic_voc, aliases=("voc-lowshot",))

@@ -369,7 +369,8 @@ class AddendumEntry:
     section: str
     value_text: str
     splits: list[Split] = dataclasses.field(default_factory=list)
-    fields: dict[str, str] = dataclasses.field(default_factory=dict)  # other fields of the parent row to set (scope fixes)
+    # other fields of the parent row to set (scope fixes)
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _sections(text: str) -> list[tuple[str, str]]:
@@ -412,7 +413,7 @@ def read_addendum(path: Path) -> list[AddendumEntry]:
             table = _table(body)
             metrics = table[0][1:]
             for row in table[1:]:
-                values = dict(zip(metrics, row[1:]))
+                values = dict(zip(metrics, row[1:], strict=False))
                 # The cell named AP50 / AP75; the table also gives AP, so the row now holds all three.
                 entries.append(AddendumEntry(row[0], grade, "CVPR Table 1", " / ".join(values[m] for m in metrics),
                                              [_metric_split(m, values[m]) for m in metrics],
@@ -469,7 +470,7 @@ def read_addendum(path: Path) -> list[AddendumEntry]:
                                                  r"mask ([0-9. /]+)\n", body):
                 numbers = [v.strip() for v in f"{bbox}/{mask}".split("/")]
                 entries.append(AddendumEntry(_coco_id(suffix), grade, "MLS paper Table 1", " / ".join(numbers),
-                                             [_metric_split(m, v) for m, v in zip(names, numbers)]))
+                                             [_metric_split(m, v) for m, v in zip(names, numbers, strict=False)]))
             partial = _need(r"- cvpr_paper\.det_coco_mask_fpn\.…(\S+): bbox AP ([0-9.]+), mask AP ([0-9.]+) only",
                             body, heading)
             entries.append(AddendumEntry(
@@ -706,8 +707,10 @@ def directional_claims(ids: set[str]) -> list[dict[str, str]]:
     frozen_ap = f"vi_abstract.frozen_transfer.max_delta_ap.{pair}"
     frozen_miou = f"vi_abstract.frozen_transfer.max_delta_miou.{pair}"
     for protocol_id, metric, cited, task in (
-            ("det_voc_c4", "AP", frozen_ap, "VOC detection AP"), ("det_coco_mask_fpn", "bbox_AP", frozen_ap, "COCO box AP"),
-            ("det_coco_mask_fpn", "mask_AP", frozen_ap, "COCO mask AP"), ("seg_voc_fcn", "mIoU", frozen_miou, "VOC mIoU"),
+            ("det_voc_c4", "AP", frozen_ap, "VOC detection AP"),
+            ("det_coco_mask_fpn", "bbox_AP", frozen_ap, "COCO box AP"),
+            ("det_coco_mask_fpn", "mask_AP", frozen_ap, "COCO mask AP"),
+            ("seg_voc_fcn", "mIoU", frozen_miou, "VOC mIoU"),
             ("seg_cityscapes_fcn", "mIoU", frozen_miou, "Cityscapes mIoU")):
         rows.append(directional(
             f"dir.{protocol_id}_frozen.{metric.lower()}.{pair}", f"{protocol_id}_frozen", metric, ">=", need(cited),
@@ -723,7 +726,8 @@ def directional_claims(ids: set[str]) -> list[dict[str, str]]:
             JOURNAL, "vi_abstract", layer=f"feature{stage}"))
     for protocol_id, metric, cited, finetuned, fine_ids in (
             ("det_voc_c4", "AP", frozen_ap, "+2.0 AP", [f"cvpr_abstract.det_voc_c4.delta_ap.{pair}.coco800"]),
-            ("seg_voc_fcn", "mIoU", frozen_miou, "+3.0 mIoU", [f"cvpr_abstract.seg_voc_fcn.delta_miou.{pair}.coco800"])):
+            ("seg_voc_fcn", "mIoU", frozen_miou, "+3.0 mIoU",
+             [f"cvpr_abstract.seg_voc_fcn.delta_miou.{pair}.coco800"])):
         rows.append(directional(
             f"dir.{protocol_id}_frozen_minus_finetune.{metric.lower()}.{pair}", f"{protocol_id}_frozen_minus_finetune",
             metric, ">", need(cited, *fine_ids),

@@ -45,10 +45,11 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
+from baselines.infra import UserError
 from baselines.methods import paper_names
 
 DEFAULT_PATH = Path(__file__).with_name("claims.csv")
@@ -174,7 +175,7 @@ _RELATION = re.compile(r"^(<=|>=|<|>)(?:\s*([0-9]+(?:\.[0-9]+)?)x)?$")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
-class ClaimsError(ValueError):
+class ClaimsError(UserError, ValueError):
     """A malformed claims file; the message names the file, line and column."""
 
 
@@ -304,7 +305,7 @@ class _RowReader:
         relation = self.text("relation")
         if relation and not _RELATION.match(relation):
             raise self.fail("relation", f"{relation!r} is not <, <=, >, >= optionally followed by a factor like 1.01x")
-        baseline = self.choice("baseline", METHODS + ("",))
+        baseline = self.choice("baseline", (*METHODS, ""))
         if kind == "directional" and not (relation and baseline and self.text("derived_from")):
             raise self.fail("relation", "a directional claim needs relation, baseline and derived_from")
         if kind == "equivalence" and not (baseline and self.text("derived_from")):
@@ -316,7 +317,7 @@ class _RowReader:
             protocol=self.text("protocol"), dataset=self.text("dataset"), metric=self.text("metric"),
             value=value, tolerance=tolerance, verified=verified, notes=self.text("notes"), kind=kind,
             protocol_id=protocol_id, scale=self.choice("scale", SCALES), source_key=self.text("source_key"),
-            baseline=baseline, relation=relation, layer=self.choice("layer", LAYERS + ("",)), k=self.integer("k"),
+            baseline=baseline, relation=relation, layer=self.choice("layer", (*LAYERS, "")), k=self.integer("k"),
             trials=self.integer("trials"), unit=self.choice("unit", UNITS), value_text=self.text("value_text"),
             tolerance_basis=self.choice("tolerance_basis", TOLERANCE_BASES),
             derived_from=tuple(self.text("derived_from").split()), as_written=self.text("as_written"),
@@ -352,7 +353,7 @@ def load_claims(path: str | Path = DEFAULT_PATH) -> list[Claim]:
                 continue
             if len(cells) != len(header):
                 raise ClaimsError(f"{path}:{line}: expected {len(header)} fields, found {len(cells)}")
-            claim = _RowReader(path, line, dict(zip(header, cells))).claim()
+            claim = _RowReader(path, line, dict(zip(header, cells, strict=True))).claim()
             if claim.claim_id in first_line:
                 raise ClaimsError(f"{path}:{line}: column 'claim_id': duplicate id {claim.claim_id!r} "
                                   f"(first on line {first_line[claim.claim_id]})")
@@ -399,7 +400,7 @@ def _check_repeated_numbers(claim: Claim, by_id: dict[str, Claim]) -> list[str]:
     if len(numbers) != len(cited):
         return [f"{claim.claim_id}: {len(numbers)} numbers in {claim.value_text!r} but {len(cited)} derived_from rows"]
     problems = []
-    for number, row in zip(numbers, cited):
+    for number, row in zip(numbers, cited, strict=True):
         slack = 0.5 * 10.0 ** -_decimals(number) + row.rounding + 1e-9
         if row.value is not None and abs(float(number) - row.value) > slack:
             problems.append(f"{claim.claim_id}: {number} in {claim.value_text!r} != {row.value:g} ({row.claim_id})")
@@ -571,19 +572,22 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+CLAIMS_SUMMARY = "the paper's numbers as data: list, missing, check, coverage"
+
+
 def add_claims_commands(commands) -> None:
     """`densecl-bench claims {list,missing,check}` under the CLI's sub-command object."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--file", dest="claims_file", default=str(DEFAULT_PATH),
                         help="claims CSV (default: the registry shipped with the package)")
-    claims = commands.add_parser("claims", help="the paper's numbers as data: list, missing, check, coverage",
+    claims = commands.add_parser("claims", help=CLAIMS_SUMMARY,
                                  description="The claims registry: every number DenseCL or a cited reproduction "
                                  "reports, with protocol, tolerance and source.")
     actions = claims.add_subparsers(dest="claims_command", required=True, metavar="ACTION")
 
     listing = actions.add_parser("list", parents=[common], help="print claims, optionally filtered")
     listing.add_argument("--protocol", help=f"protocol id, one of: {', '.join(PROTOCOLS)}")
-    listing.add_argument("--method", help="method or baseline name, e.g. DenseCL, MoCo-v2 (case-insensitive)")
+    listing.add_argument("--method", help=f"method or baseline name, case-insensitive: {', '.join(paper_names())}")
     listing.add_argument("--kind", choices=tuple(KINDS), help="only claims of this kind")
     listing.add_argument("--missing", action="store_true", help="only claims with no transcribed value")
     listing.set_defaults(func=lambda args: cmd_list(args))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import errno
 import os
 import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on cores shared with data-loader workers or other jobs a
@@ -13,15 +16,18 @@ from pathlib import Path
 # set before torch is first imported; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from baselines import config as configs  # noqa: E402
-from baselines.convert import add_convert_command  # noqa: E402
-from replication.claims import add_claims_commands  # noqa: E402
-from replication.eval_commands import add_eval_commands  # noqa: E402
+from baselines import config as configs
+from baselines.infra import Interrupted, UserError, get_logger, setup_logging
+from replication.claims import CLAIMS_SUMMARY, add_claims_commands
+from replication.eval_commands import EVAL_SUMMARY, add_eval_commands
+
+LOG = get_logger("cli")
 
 # The embedded default pretraining data: a synthetic set disjoint from the evaluation one (seed 0).
 DEFAULT_PRETRAIN_DATA = dict(images=512, size=96, seed=1)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)  # the replicate pipelines' paired seeds (docs/small-scale-design.md)
 DEFAULT_SOLVER = "batched"  # the exact batched solver; liblinear stays the reference mode of `eval`
+PIPELINES = ("replicate-voc", "replicate-dense")  # whose batches `report` names
 
 
 def _one_line(err: BaseException) -> str:
@@ -48,7 +54,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not cfg.data:
         root = synthetic.cached(**DEFAULT_PRETRAIN_DATA)
         cfg.data = str(root / "JPEGImages")
-        print(f"[pretrain] no --data given: using the synthetic images in {cfg.data}", file=sys.stderr)
+        get_logger("pretrain").info("no --data given: using the synthetic images in %s", cfg.data)
     if not cfg.out:
         cfg.out = str(Path("runs") / f"{cfg.method}-{cfg.arch}")
     backbone = pretrain(cfg)
@@ -112,8 +118,9 @@ def _print_outcome(pipeline: str, outcome: dict, results: str) -> None:
     report = Path(outcome["report"])
     print(f"[{pipeline}] batch {outcome['batch']}: {len(outcome['runs'])} protocol runs stored under "
           f"{Path(results) / pipeline}")
-    text = report.read_text()
-    print(text[text.index("## Measured"):text.index("## Claims about the protocols")].strip())
+    from replication.report import summary
+
+    print(summary(report.read_text()))
     print(f"\n[{pipeline}] report:   {report}\n[{pipeline}] verdicts: {report.with_name('verdicts.csv')}\n"
           f"[{pipeline}] plots:    {report.parent / 'plots'}")
 
@@ -124,7 +131,8 @@ def cmd_replicate_dense(args: argparse.Namespace) -> int:
     checkpoints = _given_checkpoints(args)
     cfg = replicate_dense_config(
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), modes=tuple(args.modes), det_iterations=args.det_iterations,
-        seg_iterations=args.seg_iterations, data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"),
+        seg_iterations=args.seg_iterations,
+        data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"),
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
         workers=args.workers, device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs,
         results=args.results, progress=args.progress, preset=args.preset, pretrain_size=args.pretrain_size,
@@ -143,12 +151,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     from replication.report import select_runs, write_report
     from replication.results import ResultsStore
 
+    if args.latest and (args.batch or args.runs or args.select):
+        raise configs.ConfigError("--latest picks the newest batch itself; give BATCH, --runs or --select instead")
     store = ResultsStore(args.results)
-    selection = select_runs(store, pipeline=args.pipeline, batch=args.batch, runs=args.runs, select=args.select)
+    pipeline = args.pipeline or (_newest_batch_pipeline(store) if args.latest else None) or PIPELINES[0]
+    selection = select_runs(store, pipeline=pipeline, batch=args.batch, runs=args.runs, select=args.select)
     path = write_report(store, selection)
     print(path.read_text())
     print(f"report: {path}")
     return 0
+
+
+def _newest_batch_pipeline(store) -> str | None:
+    """The pipeline whose newest batch is the newest stored one (None when no pipeline has run)."""
+    from replication.report import REPORT_PROTOCOL
+
+    batches = [r for pipeline in PIPELINES for r in store.load_runs(pipeline)
+               if r.batch and r.protocol != REPORT_PROTOCOL]
+    return max(batches, key=lambda r: (r.created, r.run_id)).pipeline if batches else None
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from replication.results import ResultsError, ResultsStore
+
+    if not Path(args.results).is_dir():
+        raise ResultsError(f"no results store at {args.results}")
+    if args.results_command == "repair":
+        before = ResultsStore(args.results, read_only=True, index_missing=False).check()
+        store = ResultsStore(args.results, index_missing=False)
+        store.rebuild_index()
+        after = store.check()
+        fixed = len(before) - len(after)
+        print(f"rebuilt {store.index_path} from the run folders ({fixed} problem(s) fixed)")
+        for line in after:
+            print(f"left as it is: {line}")
+        return 0
+    problems = ResultsStore(args.results, read_only=True, index_missing=False).check()
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} problem(s) in {args.results}" + (f"; fix the index: densecl-bench results repair "
+                                                             f"--results {args.results}" if problems else ""))
+    return 1 if problems else 0
 
 
 def _small_scale_arguments(parser: argparse.ArgumentParser, random_baseline: bool) -> None:
@@ -169,21 +212,11 @@ def _small_scale_arguments(parser: argparse.ArgumentParser, random_baseline: boo
                             help="also evaluate a random-init backbone per seed (a third more time)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from baselines.train import PretrainConfig
-
-    parser = _Parser(
-        prog="densecl-bench",
-        description="Pretrain MoCo-v2 and DenseCL, evaluate any checkpoint under the paper's protocols, "
-        "and check the paper's numbers.",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (debug)")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_pretrain(commands, summary: str) -> None:
+    from baselines.pretrain_config import PretrainConfig
 
     pretrain = commands.add_parser(
-        "pretrain",
-        help="pretrain MoCo-v2 or DenseCL (one process, or under torchrun)",
+        "pretrain", help=summary,
         description="Pretrain MoCo-v2 or DenseCL. Settings: defaults (the official DenseCL ImageNet "
         "recipe) < --config (a YAML file or preset: densecl_imagenet_200ep, densecl_coco_800ep, "
         "mocov2_imagenet_200ep, mocov2_coco_800ep, small_cpu) < flags. Without --data it trains on "
@@ -193,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     configs.add_arguments(pretrain, PretrainConfig)
     pretrain.set_defaults(func=cmd_pretrain)
 
-    data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+def _add_data(commands, summary: str) -> None:
+    data = commands.add_parser("data", help=summary).add_subparsers(dest="data_command", required=True,
+                                                                    metavar="ACTION")
     synth = data.add_parser(
         "synth",
         help="write a synthetic multi-object dataset in the PASCAL VOC layout",
@@ -207,30 +243,36 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="generator seed")
     synth.set_defaults(func=cmd_data_synth)
 
-    add_eval_commands(commands)
-    add_convert_command(commands)
-    add_claims_commands(commands)
 
-    replicate = commands.add_parser("replicate", help="replication pipelines").add_subparsers(
+def _add_convert(commands, summary: str) -> None:
+    from baselines.convert import add_convert_command
+
+    add_convert_command(commands)
+
+
+def _add_replicate(commands, summary: str) -> None:
+    replicate = commands.add_parser("replicate", help=summary).add_subparsers(
         dest="pipeline", required=True, metavar="PIPELINE")
     voc = replicate.add_parser(
         "voc", help="VOC07 SVM + low-shot on MoCo-v2 and DenseCL, judged against the paper's claims",
         description="Small scale (default, no data needed): synthetic VOC-layout data, MoCo-v2 and DenseCL "
-        "pretrained with the small_cpu preset for each seed, VOC07 SVM and low-shot (feature5), "
+        "pretrained with --preset (default small_grid7) for each seed, VOC07 SVM, low-shot (feature5) and the "
+        "dense probe, "
         "judged against the directional claims. Paper scale: --voc-root (or $VOC_ROOT) plus --checkpoint "
         "densecl=PATH --checkpoint mocov2=PATH (or $DENSECL_CHECKPOINT, $MOCOV2_CHECKPOINT): the full protocol, "
         "judged against the absolute numbers. Interrupted runs resume where they stopped.",
     )
     voc.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                      help=f"paired pretraining seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
-    voc.add_argument("--epochs", type=int, help="pretraining epochs (default: the small_cpu preset's)")
+    voc.add_argument("--epochs", type=int, help="pretraining epochs (default: the preset's)")
     voc.add_argument("--samples", type=int, help="low-shot samples per k (default: 5)")
     voc.add_argument("--svm-layers", type=_layer_list, help="SVM layers, comma list or 'all' (default: feature5)")
     voc.add_argument("--voc-root", help="real VOCdevkit/VOC2007 (default: $VOC_ROOT, else synthetic)")
     voc.add_argument("--checkpoint", action="append", metavar="METHOD=PATH",
                      help="evaluate this checkpoint instead of pretraining (densecl=..., mocov2=...)")
     voc.add_argument("--arch", help="architecture of the given checkpoints when their files do not say")
-    voc.add_argument("--pretrain-data", default="imagenet", help="what the given checkpoints were trained on (imagenet, coco)")
+    voc.add_argument("--pretrain-data", default="imagenet",
+                     help="what the given checkpoints were trained on (imagenet, coco)")
     voc.add_argument("--pretrain-epochs", type=int, default=200, help="their pretraining epochs (default: 200)")
     voc.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     voc.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -276,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     _small_scale_arguments(dense, random_baseline=False)
     dense.set_defaults(func=cmd_replicate_dense)
 
+
+def _add_report(commands, summary: str) -> None:
     report = commands.add_parser(
-        "report", help="verdicts, tables and plots for any stored runs: a pipeline batch, run ids, or a selection",
+        "report", help=summary,
         description="Judge every claim against a set of stored runs and store the report (report.md, verdicts.csv, "
         "plots). The set is a pipeline batch (BATCH, default the latest of --pipeline), --runs RUN_ID..., or "
         "--select KEY=VALUE,... over every stored run (keys: protocol, pipeline, method, seed, scale, dataset, "
@@ -285,17 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
         "stored report.")
     report.add_argument("batch", nargs="?", help="pipeline batch id (default: the latest batch of --pipeline)")
     report.add_argument("--latest", action="store_true",
-                        help="the latest batch of --pipeline (the default when nothing else is selected)")
-    report.add_argument("--pipeline", default="replicate-voc", choices=("replicate-voc", "replicate-dense"),
-                        help="whose batches BATCH and --latest name (default: replicate-voc)")
+                        help="the newest batch of any pipeline (of --pipeline when given)")
+    report.add_argument("--pipeline", choices=PIPELINES,
+                        help=f"whose batches BATCH and --latest name (default: {PIPELINES[0]}; with --latest: "
+                        "the pipeline that ran last)")
     report.add_argument("--runs", nargs="+", metavar="RUN_ID", help="exactly these stored runs (any pipeline)")
     report.add_argument("--select", metavar="KEY=VALUE,...",
                         help="every stored run matching all the filters, e.g. 'protocol=knn_in1k,method=densecl'")
     report.add_argument("--results", default="results", help="results store (default: results)")
     report.set_defaults(func=cmd_report)
 
+
+def _add_results(commands, summary: str) -> None:
+    results = commands.add_parser(
+        "results", help=summary,
+        description="The run folders are the store's source of truth and index.csv a summary of them. `check` "
+        "lists every problem (complete runs the index lacks, index rows without a run, duplicated rows, folders "
+        "that are not complete runs) and exits 1 if there is any; `repair` rebuilds index.csv from the folders "
+        "and leaves the folders themselves as they are.")
+    actions = results.add_subparsers(dest="results_command", required=True, metavar="ACTION")
+    for name, text in (("check", "list the store's problems (exit 1 if any)"),
+                       ("repair", "rebuild index.csv from the run folders")):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("--results", default="results", help="results store (default: results)")
+        action.set_defaults(func=cmd_results)
+
+
+def _add_regression(commands, summary: str) -> None:
     regression = commands.add_parser(
-        "regression", help="CI regression: a tiny deterministic pipeline vs the committed reference",
+        "regression", help=summary,
         description="Pretrain MoCo-v2 and DenseCL for 2 epochs on the synthetic images, run the VOC07 SVM and "
         "low-shot protocols on a few costs, and compare every metric with results/reference/regression.json "
         "within its band (exit 1 if any leaves it). --update rewrites the reference instead.",
@@ -304,51 +366,89 @@ def build_parser() -> argparse.ArgumentParser:
     regression.add_argument("--reference", default=str(Path("results") / "reference" / "regression.json"))
     regression.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     regression.set_defaults(func=cmd_regression)
+
+
+@dataclass(frozen=True)
+class _Command:
+    summary: str  # the line `densecl-bench --help` shows
+    add: Callable[..., None]  # (sub-parsers, summary): adds the command's parser, importing what its flags need
+
+
+# Only the command a call names gets its full parser, so `densecl-bench --help` and every command's `--help`
+# import no more than that command's flags need (no torch for most of them).
+COMMANDS: dict[str, _Command] = {
+    "pretrain": _Command("pretrain MoCo-v2 or DenseCL (one process, or under torchrun)", _add_pretrain),
+    "data": _Command("dataset tools", _add_data),
+    "eval": _Command(EVAL_SUMMARY, lambda commands, summary: add_eval_commands(commands)),
+    "convert": _Command("write a checkpoint's backbone for detectron2, mmdet/mmseg, torchvision or timm",
+                        _add_convert),
+    "claims": _Command(CLAIMS_SUMMARY, lambda commands, summary: add_claims_commands(commands)),
+    "replicate": _Command("replication pipelines", _add_replicate),
+    "report": _Command("verdicts, tables and plots for any stored runs: a pipeline batch, run ids, or a selection",
+                       _add_report),
+    "results": _Command("check or repair the results store's index", _add_results),
+    "regression": _Command("CI regression: a tiny deterministic pipeline vs the committed reference",
+                           _add_regression),
+}
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the global options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command listed, only the one `argv` names built in full (all when None)."""
+    parser = _Parser(
+        prog="densecl-bench",
+        description="Pretrain MoCo-v2 and DenseCL, evaluate any checkpoint under the paper's protocols, "
+        "and check the paper's numbers.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else _command_word(argv)
+    for name, command in COMMANDS.items():
+        if argv is None or name == chosen:
+            command.add(commands, command.summary)
+        else:
+            commands.add_parser(name, help=command.summary)
     return parser
 
 
-class _ShortNames(logging.Formatter):
-    """`[eval] message`: the logger's last name only, as the tool's own prefixes read."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.short = record.name.rsplit(".", 1)[-1]
-        return super().format(record)
-
-
-class _CurrentStderr(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is now (tqdm and test capture replace it), not the one at set-up."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+# Errors a user can act on, besides `UserError`: files that are missing, in the way or not allowed, a full or
+# read-only disk. Their message names the path, so it is all the user needs.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+def _user_error_names() -> set[str]:
+    """Class names of every user-facing error, to recognise one re-raised from a data-loader worker."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
 
 
-def setup_logging(verbosity: int = 0) -> None:
-    """`densecl_bench.*` messages on stderr (results tables go to stdout); -v for debug, -q for warnings only."""
-    logger = logging.getLogger("densecl_bench")
-    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
-        handler = _CurrentStderr()
-        handler.setFormatter(_ShortNames("[%(short)s] %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+def is_user_error(err: BaseException) -> bool:
+    """True for errors whose one-line message is the whole story; everything else is a bug worth its traceback."""
+    if isinstance(err, (UserError, *USER_OS_ERRORS)):
+        return True
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return True
+    text = str(err)
+    if isinstance(err, RuntimeError) and "Original Traceback" in text:  # a worker's error torch could not rebuild
+        last = text.strip().splitlines()[-1]
+        return last.split(":", 1)[0].rsplit(".", 1)[-1] in _user_error_names()
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    from baselines.data import BadImageError
-    from baselines.infra import Interrupted
-    from baselines.train import NonFiniteLossError
-    from protocols.registry import ProtocolError
-    from protocols.transfer import MMStackMissing, WeightTransferError
-    from replication.results import ResultsError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
+    """Run one command: 0 on success, 1 on an error in the input or the machine (one line), 2 on a bad setting,
+    130 when interrupted; an unexpected error prints its traceback and asks to be reported (1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     setup_logging(args.verbose - args.quiet)
     try:
         return args.func(args)
@@ -358,16 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("densecl-bench: interrupted", file=sys.stderr)
         return 130
-    except (configs.ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-            BadImageError, NonFiniteLossError, ResultsError, MMStackMissing, WeightTransferError,
-            FloatingPointError, ProtocolError) as err:
+    except Exception as err:
+        if not is_user_error(err):
+            traceback.print_exc()
+            print(f"densecl-bench: internal error ({type(err).__name__}); this is a bug, please report it with the "
+                  "command line and the traceback above", file=sys.stderr)
+            return 1
         print(f"densecl-bench: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, configs.ConfigError) else 1
-    except RuntimeError as err:
-        if "BadImageError" in str(err) or "Original Traceback" in str(err):
-            print(f"densecl-bench: error: {_one_line(err)}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -35,12 +35,14 @@ def is_summary(claim: Claim) -> bool:
 
 
 def reach(claim: Claim, metrics_by_protocol: dict[str, tuple[str, ...]]) -> Reach:
-    measurable = claim.protocol_id in metrics_by_protocol and base_metric(claim) in metrics_by_protocol[claim.protocol_id]
+    measurable = (claim.protocol_id in metrics_by_protocol
+                  and base_metric(claim) in metrics_by_protocol[claim.protocol_id])
     if not measurable:
         return Reach(False, False, False)
     comparative = claim.kind in ("directional", "equivalence")
     small = comparative and claim.scale == "any" and not claim.pretrain_data
-    numeric = claim.value is not None and (claim.tolerance is not None or claim.kind == "ratio" and bool(claim.relation))
+    numeric = claim.value is not None and (
+        claim.tolerance is not None or (claim.kind == "ratio" and bool(claim.relation)))
     paper = comparative or (claim.kind in ("absolute", "delta", "ratio") and numeric)
     return Reach(True, small, paper)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
 from pathlib import Path
 
 from baselines import config as configs
+from baselines.infra import get_logger
 
-LOG = logging.getLogger("densecl_bench.eval")
+LOG = get_logger("eval")
 
 
 def _subject_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +49,15 @@ def _run_arguments(parser: argparse.ArgumentParser, resumable: bool) -> None:
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+EVAL_SUMMARY = "evaluate any checkpoint under one of the paper's protocols"
+
+
 def add_eval_commands(commands) -> None:
+    """`eval <protocol>` for every registered protocol; their declarations import nothing heavy (no torch)."""
     from protocols.registry import all_protocols
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate any checkpoint under one of the paper's protocols",
+        "eval", help=EVAL_SUMMARY,
         description="Run one protocol on one checkpoint and store the run, with what the checkpoint is "
         "(--method, --pretrain-data, --epochs), so `densecl-bench report --runs RUN_ID` can judge it against the "
         "paper's claims. Protocol names are the claims' protocol ids.")

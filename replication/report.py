@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baselines.infra import UserError
 from baselines.methods import paper_name
 from protocols.common import PRETRAIN_NAMES
 from protocols.result import ProtocolResult
@@ -32,7 +33,7 @@ REPORT_PROTOCOL = "report"
 STATUS_COLOURS = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A selection that names no runs, an unknown key or id; one line."""
 
 
@@ -158,7 +159,8 @@ def claimed_effect(claim: Claim, by_id: dict[str, Claim]) -> float | None:
     for c in cited:
         if c.kind == "absolute" and c.value is not None and c.metric == claim.metric:
             groups[(c.source_key, c.pretrain_data, c.epochs, c.layer, c.k)][c.method] = c.value
-    differences = [g[claim.method] - g[claim.baseline] for g in groups.values() if claim.method in g and claim.baseline in g]
+    differences = [g[claim.method] - g[claim.baseline] for g in groups.values()
+                   if claim.method in g and claim.baseline in g]
     return statistics.fmean(differences) if differences else None
 
 
@@ -187,7 +189,8 @@ def _summary_table(rows: list[Measurement]) -> list[str]:
         if m.unit:  # per-round readings (step times) are summarised by their claim, not here
             continue
         groups[(m.protocol_id, m.metric, m.layer, m.k, m.scale, m.method)].append(m.value)
-    lines = ["| protocol | metric | layer | k | scale | method | mean | std | runs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | metric | layer | k | scale | method | mean | std | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (protocol, metric, layer, k, scale, method), values in sorted(
             groups.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0, *kv[0][4:])):
         mean, std = _mean_std(values)
@@ -210,7 +213,8 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def verdict_table(judged: list[Verdict]) -> list[str]:
-    lines = ["| claim | claimed | measured | 95% interval | MDE (80% power) | seeds to resolve | paper's effect | status |",
+    lines = ["| claim | claimed | measured | 95% interval | MDE (80% power) | seeds to resolve | "
+             "paper's effect | status |",
              "|---|---|---|---|---|---|---|---|"]
     for v in judged:
         interval = f"{v.interval[0]:+.2f} .. {v.interval[1]:+.2f}" if v.interval else ""
@@ -231,6 +235,8 @@ def verdict_csv(judged: list[Verdict]) -> str:
     return out.getvalue()
 
 
+MEASURED_HEADING = "## Measured (x100 metrics; seconds for step times)"
+JUDGED_HEADING = "## Claims these runs could judge"
 HOW_TO_READ = (
     "How to read this: small-scale runs (synthetic data, small backbones) cannot be compared with the paper's "
     "absolute numbers; they are judged on *directional* claims (DenseCL above or below MoCo-v2) from the per-seed "
@@ -270,12 +276,12 @@ def random_baseline_lines(rows: list[Measurement]) -> list[str]:
         if not m.unit:
             groups[(m.protocol_id, m.metric, m.layer, m.k, m.scale)][m.method][m.seed] = m.value
     lines = []
-    for (protocol, metric, layer, k, scale), by_method in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (protocol, metric, layer, k, _scale), by_method in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if "Random" not in by_method:
             continue
         random = by_method["Random"]
 
-        def gain(method: str) -> float | None:
+        def gain(method: str, by_method=by_method, random=random) -> float | None:
             seeds = [s for s in by_method.get(method, {}) if s in random]
             return statistics.fmean(by_method[method][s] - random[s] for s in seeds) if seeds else None
 
@@ -298,12 +304,14 @@ def markdown(selection: Selection, judged: list[Verdict], rows: list[Measurement
     scale = ", ".join(sorted({m.scale for m in rows})) or "none"
     measured_protocols = {m.protocol_id for m in rows}
     judged_rows = [v for v in judged if v.status in (*RESOLVED, "inconclusive")]
-    unjudged = [v for v in judged if v.status not in (*RESOLVED, "inconclusive") and v.claim.protocol_id in measured_protocols]
+    unjudged = [v for v in judged
+                if v.status not in (*RESOLVED, "inconclusive") and v.claim.protocol_id in measured_protocols]
     lines = [
         f"# Verdicts: {selection.label}", "",
         f"Scale: **{scale}**. Runs: {len(selection.records)} stored protocol runs. Claims: {len(judged)} "
         "(`replication/claims.csv`).", "", HOW_TO_READ, "",
-        "| status | claims |", "|---|---|", *[f"| {status} | {counts[status]} |" for status in STATUSES if counts[status]],
+        "| status | claims |", "|---|---|",
+        *[f"| {status} | {counts[status]} |" for status in STATUSES if counts[status]],
         "",
     ]
     if unmatched:
@@ -315,8 +323,8 @@ def markdown(selection: Selection, judged: list[Verdict], rows: list[Measurement
                   "below chance and each method should beat the random-init backbone of its seed by more than the "
                   "two methods differ.", "", *learned, "", *baseline, ""]
     lines += [
-        "## Measured (x100 metrics; seconds for step times)", "", *_summary_table(rows), "",
-        "## Claims these runs could judge", "", *verdict_table(judged_rows), "",
+        MEASURED_HEADING, "", *_summary_table(rows), "",
+        JUDGED_HEADING, "", *verdict_table(judged_rows), "",
         "Why, claim by claim:", "", *[f"- `{v.claim.claim_id}`: {v.reason}" for v in judged_rows], "",
         "## Claims about these protocols that they could not judge", "",
         "| claim | status | why |", "|---|---|---|",
@@ -344,7 +352,7 @@ def plot_verdicts(judged: list[Verdict]):
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.42 * (len(comparative) or len(absolute)) + 1.8)))
     if comparative:
         ys = list(range(len(comparative)))
-        for y, v in zip(ys, comparative):
+        for y, v in zip(ys, comparative, strict=True):
             if v.mde is not None and math.isfinite(v.mde):
                 ax.fill_betweenx([y - 0.35, y + 0.35], -v.mde, v.mde, color="tab:blue", alpha=0.12, lw=0)
             if v.interval:
@@ -443,7 +451,7 @@ def plot_dense(rows: list[Measurement]):
     headline = {"det_voc_c4": "AP", "det_coco_mask_fpn": "bbox_AP", "seg_voc_fcn": "mIoU", "seg_cityscapes_fcn": "mIoU"}
     tasks = [t for t in headline if any(m.protocol_id.removesuffix("_frozen") == t for m in rows)]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=False):
         width = 0.38
         for i, method in enumerate(("MoCo-v2", "DenseCL")):
             stats = [_mean_std([m.value for m in rows if m.protocol_id == pid and m.metric == headline[task]
@@ -529,9 +537,19 @@ def _existing_report(store, selection: Selection, key: dict[str, Any], files: di
     """A stored report of the same runs and claims whose tables are identical: re-running adds no clutter."""
     for record in reversed(store.load_runs(selection.pipeline, REPORT_PROTOCOL)):
         if record.config.get("key") == key and all(
-                (record.path / name).is_file() and (record.path / name).read_text() == text for name, text in files.items()):
+                (record.path / name).is_file() and (record.path / name).read_text() == text
+                for name, text in files.items()):
             return record.path / "report.md"
     return None
+
+
+def summary(report_text: str) -> str:
+    """What a pipeline prints when it ends: the report's measured table and the claims it judged."""
+    start = report_text.find(MEASURED_HEADING)
+    if start < 0:
+        return report_text.strip()
+    end = report_text.find("\n## ", report_text.find(JUDGED_HEADING, start) + 1)
+    return report_text[start:end if end >= 0 else None].split("\nWhy, claim by claim:")[0].strip()
 
 
 def write_report(store, selection: Selection, claims_path: Path = DEFAULT_PATH) -> Path:

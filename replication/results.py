@@ -8,8 +8,13 @@ Guarantees, because verdicts are computed from whatever is on disk:
 - a run never overwrites another: its folder name is reserved by an exclusive `mkdir`;
 - a run appears whole or not at all: it is written into `.<run-id>.partial/` and renamed once
   complete, so a crash leaves only a hidden partial folder, which readers skip and report;
-- concurrent writers never lose or corrupt index rows: appends hold `fcntl.flock` on
-  `results/.index.lock`.
+- concurrent writers never lose or corrupt index rows: the rename that completes a run and the
+  append of its row both happen under `fcntl.flock` on `results/.index.lock`;
+- an acknowledged run is never lost from the index: a writer killed between its rename and its
+  append leaves a complete folder without a row, and the next `ResultsStore` opened on the root
+  appends the missing rows (with a warning naming them; a read-only store only warns);
+  `densecl-bench results check|repair` report and rebuild the index;
+- nothing is created until a run is written: a command that fails on its input leaves no `results/`.
 
 Layout of one run folder: `result.json` (see `SCHEMA`/`SCHEMA_VERSION`), `metrics.csv`
 (`metric,value`), `plots/<name>.png`, and any extra files the caller hands over.
@@ -21,6 +26,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import fcntl
 import io
 import json
@@ -40,7 +46,7 @@ from typing import Any
 import pandas as pd
 
 from baselines import infra
-from baselines.infra import atomic_file, fsync_dir
+from baselines.infra import atomic_file, fsync_dir, get_logger
 from protocols.result import ProtocolResult
 
 SCHEMA = "densecl-bench/result"
@@ -70,9 +76,10 @@ SOURCE_DIR = Path(__file__).resolve().parent
 RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(ProtocolResult))
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_ID_ATTEMPTS = 100
+LOG = get_logger("results")
 
 
-class ResultsError(Exception):
+class ResultsError(infra.UserError):
     """A results-store problem the user can act on; the message is one line naming the path."""
 
 
@@ -252,17 +259,21 @@ def read_run(path: str | os.PathLike) -> RunRecord:
 class ResultsStore:
     """`results/<pipeline>/<run-id>/` folders plus `results/index.csv`, written atomically.
 
-    A writing store checks at creation that its root is writable, so an unusable results folder
-    fails before hours of training rather than after; pass `read_only=True` to only read.
+    A writing store checks at creation that its root could be written (without creating it), so an
+    unusable results folder fails before hours of training rather than after, and indexes any complete
+    run a killed writer left without a row; pass `read_only=True` to only read (missing rows are then
+    only warned about), `index_missing=False` to leave the index alone (`results check|repair` report it).
     """
 
     def __init__(self, root: str | os.PathLike = "results", *, read_only: bool = False,
-                 source_dir: str | os.PathLike = SOURCE_DIR) -> None:
+                 source_dir: str | os.PathLike = SOURCE_DIR, index_missing: bool = True) -> None:
         self.root = Path(root)
         self.read_only = read_only
         self.source_dir = Path(source_dir)
         if not read_only:
             self.check_writable()
+        if index_missing:
+            self._index_unindexed_runs()
 
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.root)!r}, read_only={self.read_only})"
@@ -272,10 +283,15 @@ class ResultsStore:
         return self.root / INDEX_FILE
 
     def check_writable(self) -> None:
-        """Create the root if needed and prove a file can be written there."""
+        """Prove a file can be written in the root, or, while there is no root yet, in the folder that would
+        hold it: the root itself is only created when a run is written."""
+        folder = self.root
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check-"):
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
                 pass
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
@@ -315,14 +331,15 @@ class ResultsStore:
         final = pipeline_dir / run_id
         try:
             _write_run_folder(partial, payload, plots or {}, plot_files, extras)
-            os.rename(partial, final)
-            fsync_dir(pipeline_dir)
         except Exception as exc:
-            reason = " ".join(str(exc).split())
-            raise ResultsError(f"run {run_id} was not stored ({type(exc).__name__}: {reason}); "
-                               f"partial output left in {partial}") from exc
-        record = read_run(final)
-        with self._index_lock():
+            raise _not_stored(run_id, partial, exc) from exc
+        with self._index_lock():  # a reader repairing the index never sees a live writer's run half-published
+            try:
+                os.rename(partial, final)
+                fsync_dir(pipeline_dir)
+            except OSError as exc:
+                raise _not_stored(run_id, partial, exc) from exc
+            record = read_run(final)
             self._append_index_rows([index_row(record, self.root)])
         return record
 
@@ -418,14 +435,85 @@ class ResultsStore:
         """Regenerate `index.csv` from the run folders (the source of truth), atomically."""
         if self.read_only:
             raise ResultsError(f"results folder {self.root} was opened read-only")
-        records = self.scan_runs().records
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResultsError(f"cannot create {self.root}: {exc.strerror or exc}") from None
         with self._index_lock():
+            records = self.scan_runs().records
             with atomic_file(self.index_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
                 writer.writeheader()
                 writer.writerows(index_row(r, self.root) for r in records)
             fsync_dir(self.root)
         return self.index_path
+
+    def check(self) -> list[str]:
+        """Every problem of the store, one line each naming the path: complete runs the index lacks, index rows
+        without a run or listed twice, and folders that are not complete runs (a crashed or running writer)."""
+        scan = self.scan_runs()
+        problems = [f"{s.path}: not a complete run ({s.reason})" for s in scan.skipped]
+        try:
+            rows = self._index_rows()
+        except ResultsError as exc:
+            return [*problems, str(exc)]
+        indexed = {_row_key(row) for row in rows}
+        problems += [f"{r.path}: complete run missing from {self.index_path}" for r in scan.records
+                     if (r.pipeline, r.run_id) not in indexed]
+        stored = {(r.pipeline, r.run_id) for r in scan.records}
+        counts: dict[tuple[str, str], int] = {}
+        for row in rows:
+            counts[_row_key(row)] = counts.get(_row_key(row), 0) + 1
+        for (pipeline, run_id), count in counts.items():
+            if (pipeline, run_id) not in stored:
+                problems.append(f"{self.index_path}: row of {pipeline}/{run_id} has no complete run folder")
+            if count > 1:
+                problems.append(f"{self.index_path}: {pipeline}/{run_id} is listed {count} times")
+        return problems
+
+    def _index_rows(self) -> list[dict[str, str]]:
+        """The rows of `index.csv` (none when there is no index yet); an unreadable index is a ResultsError."""
+        try:
+            with open(self.index_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ResultsError(f"{self.index_path}: unreadable ({exc}); rebuild it: densecl-bench results repair "
+                               f"--results {self.root}") from None
+        if rows and not {"pipeline", "run_id"} <= set(rows[0]):
+            raise ResultsError(f"{self.index_path}: no pipeline/run_id columns; rebuild it: densecl-bench results "
+                               f"repair --results {self.root}")
+        return rows
+
+    def _index_unindexed_runs(self) -> None:
+        """Append the rows of complete runs the index lacks: a writer killed between the rename that completes
+        its run and the append of its row leaves exactly that. A read-only store only warns."""
+        if not self.index_path.parent.is_dir():
+            return
+        if self.read_only:
+            missing = self._unindexed()
+        else:
+            with self._index_lock():
+                missing = self._unindexed()
+                if missing:
+                    self._append_index_rows([index_row(r, self.root) for r in missing])
+        if missing:
+            names = ", ".join(f"{r.pipeline}/{r.run_id}" for r in missing)
+            action = (f"run `densecl-bench results repair --results {self.root}` to add them" if self.read_only
+                      else "added them")
+            LOG.warning("%s lacked %d complete run(s) (a writer stopped between storing and indexing them): %s; %s",
+                        self.index_path, len(missing), names, action)
+
+    def _unindexed(self) -> list[RunRecord]:
+        """Complete runs without an index row; none when the store cannot be read (the first real read says why)."""
+        try:
+            indexed = {_row_key(row) for row in self._index_rows()}
+            records = self.scan_runs().records
+        except ResultsError as exc:
+            LOG.warning("%s", exc)
+            return []
+        return [r for r in records if (r.pipeline, r.run_id) not in indexed]
 
     def read_index(self) -> pd.DataFrame:
         """`index.csv` as a DataFrame (empty, with the index columns, when there is none yet)."""
@@ -455,6 +543,10 @@ class ResultsStore:
 
 # ---------------------------------------------------------------------------------------------
 # Index rows and frames
+
+
+def _row_key(row: Mapping[str, str]) -> tuple[str, str]:
+    return row.get("pipeline") or "", row.get("run_id") or ""
 
 
 def index_row(record: RunRecord, root: Path) -> dict[str, str]:
@@ -631,6 +723,12 @@ def _try_reserve(pipeline_dir: Path, run_id: str) -> bool:
         partial.rmdir()
         return False
     return True
+
+
+def _not_stored(run_id: str, partial: Path, exc: BaseException) -> ResultsError:
+    reason = " ".join(str(exc).split())
+    return ResultsError(f"run {run_id} was not stored ({type(exc).__name__}: {reason}); "
+                        f"partial output left in {partial}")
 
 
 def _partial_path(pipeline_dir: Path, run_id: str) -> Path:

@@ -23,6 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from baselines.infra import UserError
 from replication.claims import Claim, default_tolerance
 
 STATUSES = ("reproduced", "contradicted", "inconclusive", "not comparable (scale)", "not run", "not transcribed",
@@ -33,7 +34,7 @@ POWER = 0.8
 MAX_SEEDS = 10_000
 
 
-class VerdictError(ValueError):
+class VerdictError(UserError, ValueError):
     """A claim or a set of measurements that cannot be judged as asked; one line."""
 
 
@@ -271,7 +272,7 @@ def judge_directional(claim: Claim, rows: list[Measurement], claimed_effect: flo
         mean, low, high = t_interval(differences)
         sd = statistics.stdev(differences)
         design = f"{len(pairs)} paired {'rounds' if ours[0].unit else 'seeds'}"
-    elif len(pairs) == 1 and scale == "paper" or not pairs and (len(ours) < 2 or len(theirs) < 2):
+    elif (len(pairs) == 1 and scale == "paper") or (not pairs and (len(ours) < 2 or len(theirs) < 2)):
         return _point_directional(claim, ours, theirs, scale, label, claimed_effect)
     elif not pairs:
         a, b = [m.value for m in ours], [factor * m.value for m in theirs]
@@ -293,7 +294,8 @@ def judge_directional(claim: Claim, rows: list[Measurement], claimed_effect: flo
     needed = seeds_to_resolve(mean, sd) if status == "inconclusive" else None
     reason = f"{label} = {mean:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, {design}): {why}"
     if status == "inconclusive":
-        reach = f"about {needed} seeds would resolve a true {mean:+.3f}" if needed else "no seed count resolves a zero mean"
+        reach = (f"about {needed} seeds would resolve a true {mean:+.3f}" if needed
+                 else "no seed count resolves a zero mean")
         reason += f"; MDE at 80% power {mde:.3f} for SD {sd:.3f}; {reach}"
     return Verdict(claim, status, reason, measured=mean, interval=(low, high), n=n, sd=sd, mde=mde,
                    seeds_needed=needed, claimed_effect=claimed_effect, scale=scale)

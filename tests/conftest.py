@@ -7,12 +7,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: busy cores are the norm here (issue 11)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
-from baselines.train import PretrainConfig  # noqa: E402
-from protocols.datasets import synthetic  # noqa: E402
+from baselines.train import PretrainConfig
+from protocols.datasets import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -52,7 +52,8 @@ def test_other_timm_cnn_with_five_reductions():
 
 @pytest.mark.parametrize(
     "name, message",
-    [("resnet5", "unknown architecture 'resnet5'"), ("convnext_tiny", "cannot give five feature maps"), ("vit_tiny_patch16_224", "five")],
+    [("resnet5", "unknown architecture 'resnet5'"), ("convnext_tiny", "cannot give five feature maps"),
+     ("vit_tiny_patch16_224", "five")],
 )
 def test_bad_architectures_are_named(name, message):
     with pytest.raises(ValueError, match=message):

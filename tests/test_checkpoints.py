@@ -43,7 +43,8 @@ def perturb_key_encoder(model: MoCoV2) -> MoCoV2:
 @pytest.fixture(scope="module")
 def densecl():
     torch.manual_seed(0)
-    return perturb_key_encoder(DenseCL(with_random_statistics(create_backbone("resnet18"), seed=1), queue_size=8)).eval()
+    return perturb_key_encoder(
+        DenseCL(with_random_statistics(create_backbone("resnet18"), seed=1), queue_size=8)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +354,26 @@ def test_real_training_run_and_its_export_load_the_same_backbone(pretrain_images
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)["state_dict"]
     for key, value in from_training.state_dict().items():
         assert torch.equal(value, trained[f"encoder_q.0.{key}"]), key
+
+
+def test_our_exported_backbone_declares_its_pretraining_seed(tmp_path):
+    """`eval` of our backbone.pth pairs by seed without --pretrain-seed: the export's meta carries it."""
+    from protocols.common import backbone_under_test
+
+    path = tmp_path / "backbone.pth"
+    torch.save({"state_dict": create_backbone("resnet18").state_dict(), "author": "densecl-bench",
+                "meta": {"method": "densecl", "arch": "resnet18", "epochs": 10, "pretrain_data": "synthetic-voc",
+                         "seed": 3}}, path)
+    pretraining = backbone_under_test(path).pretraining
+    assert (pretraining["method"], pretraining["epochs"], pretraining["seed"]) == ("densecl", 10, 3)
+
+
+def test_random_init_pretrain_seed_is_its_init_seed():
+    """`eval --checkpoint random --pretrain-seed 3` is the seed-3 random baseline, not a conflict with seed 0."""
+    from protocols.common import backbone_under_test
+
+    three = backbone_under_test("random", "resnet18", pretrain_seed=3)
+    assert three.pretraining["seed"] == 3 and three.cache_id.endswith("seed3")
+    same = backbone_under_test("random", "resnet18", seed=3)
+    first = next(iter(three.backbone.state_dict().values()))
+    assert torch.equal(first, next(iter(same.backbone.state_dict().values())))

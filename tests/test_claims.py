@@ -109,7 +109,7 @@ def test_values_equal_the_source_rows(shipped):
         source = list(csv.DictReader(handle))
     transcribed = shipped[:SOURCE_ROWS]
     assert [c.source for c in transcribed] == [r["source"] for r in source]
-    for claim, row in zip(transcribed, source):
+    for claim, row in zip(transcribed, source, strict=True):
         if claim.verification in ("yes", "no"):
             assert claim.value_text == row["value"], claim.claim_id
         else:  # an "NA" cell the addendum filled

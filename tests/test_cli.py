@@ -44,7 +44,8 @@ def run(args: list[str]) -> int:
 
 def test_config_typo_suggests_the_key(tmp_path, pretrain_images, capsys):
     (tmp_path / "cfg.yaml").write_text("bach_size: 8\n")
-    assert run(["pretrain", "--config", str(tmp_path / "cfg.yaml"), "--data", str(pretrain_images), "--out", str(tmp_path / "r")]) == 2
+    assert run(["pretrain", "--config", str(tmp_path / "cfg.yaml"), "--data", str(pretrain_images),
+                "--out", str(tmp_path / "r")]) == 2
     assert "unknown key 'bach_size' (did you mean 'batch_size'?)" in error_line(capsys)
     assert run(["pretrain", "--config", "no_such_preset"]) == 2
     assert "neither a file nor a preset (presets: densecl_coco_800ep" in error_line(capsys)

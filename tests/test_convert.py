@@ -140,7 +140,8 @@ def test_mmdet_file_is_state_dict_plus_provenance(source_checkpoint, source_back
     assert (written["meta"]["target"], written["meta"]["arch"]) == ("mmdet", ARCH)
 
 
-def test_torchvision_and_timm_models_load_the_files_missing_only_fc(source_checkpoint, source_backbone, images, tmp_path):
+def test_torchvision_and_timm_models_load_the_files_missing_only_fc(source_checkpoint, source_backbone, images,
+                                                                    tmp_path):
     want = features(source_backbone, images)["feature5"]
 
     conversion = convert_checkpoint(source_checkpoint, "torchvision", tmp_path / "tv.pth")
@@ -164,7 +165,8 @@ def test_timm_target_unwraps_non_resnet_trunks(tmp_path):
     """Our Backbone keeps other timm feature models under `trunk.`; timm's own model has no such prefix."""
     source = create_backbone("mobilenetv3_small_050")
     path = tmp_path / "mobilenet.pth"
-    torch.save({"state_dict": source.state_dict(), "author": "densecl-bench", "meta": {"arch": "mobilenetv3_small_050"}}, path)
+    torch.save({"state_dict": source.state_dict(), "author": "densecl-bench",
+                "meta": {"arch": "mobilenetv3_small_050"}}, path)
     conversion = convert_checkpoint(path, "timm", tmp_path / "mobilenet_timm.pth")
     model = timm.create_model("mobilenetv3_small_050", pretrained=False)
     result = model.load_state_dict(torch.load(conversion.out, weights_only=True), strict=False)
@@ -223,7 +225,8 @@ def test_bad_requests_fail_on_one_line_and_write_nothing(source_checkpoint, tmp_
         (lambda: convert(source_checkpoint, "onnx", tmp_path / "x.pth"), "unknown conversion target 'onnx'"),
         (lambda: convert(tmp_path / "missing.pth", "mmdet", tmp_path / "x.pth"), "checkpoint not found"),
         (lambda: convert(source_checkpoint, "detectron2", tmp_path / "x.pth"), "must end in .pkl"),
-        (lambda: convert(source_checkpoint, "torchvision", tmp_path / "x.pth", arch="resnet34"), "does not fit resnet34"),
+        (lambda: convert(source_checkpoint, "torchvision", tmp_path / "x.pth", arch="resnet34"),
+         "does not fit resnet34"),
         (lambda: convert(source_checkpoint, "mmdet", tmp_path), "is a directory"),
     ]
     for call, message in cases:

@@ -1,4 +1,5 @@
-"""Dense-protocol data: the checkers accept good layouts, reject bad ones in one line, and the synthetic copies are exact."""
+"""Dense-protocol data: the checkers accept good layouts, reject bad ones in one line, and the synthetic
+copies are exact."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def test_voc_segmentation_reads_class_and_aug_masks(data, tmp_path):
 def test_voc_segmentation_errors(data, tmp_path):
     voc = copy_of(data["voc"], tmp_path)
     ids = read_image_set(voc, "train", task="Segmentation")
-    message = error_of(dense.check_voc_segmentation, voc, "train", expected_images=dense.VOC12AUG_TRAIN_IMAGES, match=f"lists {len(ids)} images, expected 10,582")
+    message = error_of(dense.check_voc_segmentation, voc, "train", expected_images=dense.VOC12AUG_TRAIN_IMAGES,
+                       match=f"lists {len(ids)} images, expected 10,582")
     assert "10,582 = 1,464 train + 9,118 aug" in message and "overlaps train" in message
     error_of(dense.check_voc_segmentation, voc, "val", expected_images=dense.VOC12_VAL_IMAGES, match="expected 1,449")
 
@@ -124,7 +126,8 @@ def test_voc_segmentation_errors(data, tmp_path):
     shutil.rmtree(voc / "SegmentationClass")
     error_of(
         dense.check_voc_segmentation, voc, "train",
-        match=re.escape(f"{voc} has no segmentation masks (SegmentationClass/ or SegmentationClassAug/): use VOC2012 with the SBD augmented masks, see README 'Dense protocols data'"),
+        match=re.escape(f"{voc} has no segmentation masks (SegmentationClass/ or SegmentationClassAug/): "
+                        "use VOC2012 with the SBD augmented masks, see README 'Dense protocols data'"),
     )
 
 
@@ -185,29 +188,36 @@ def test_coco_errors(data, tmp_path):
 
     n = len(original["annotations"])
     write(lambda d: [a.update(image_id=999999) for a in d["annotations"][:2]])
-    error_of(dense.check_coco, coco, "val2017", match=rf"2 of {n} annotations have an unknown image_id \(not in images\), first unknown image_id 999999")
+    error_of(dense.check_coco, coco, "val2017",
+             match=rf"2 of {n} annotations have an unknown image_id \(not in images\), first unknown image_id 999999")
     write(lambda d: d["annotations"][-1].update(category_id=91))
-    error_of(dense.check_coco, coco, "val2017", match=rf"1 of {n} annotations have an unknown category_id \(not in categories\), first unknown category_id 91")
+    error_of(dense.check_coco, coco, "val2017",
+             match=rf"1 of {n} annotations have an unknown category_id \(not in categories\), "
+                   r"first unknown category_id 91")
     write(lambda d: d.pop("categories"))
     error_of(dense.check_coco, coco, "val2017", match="has no categories list")
     path.write_text(json.dumps(original))
     first = original["images"][0]["file_name"]
     (coco / "val2017" / first).unlink()
-    error_of(dense.check_coco, coco, "val2017", match=re.escape(f"(1 of {len(original['images'])} missing, first {coco / 'val2017' / first})"))
+    error_of(dense.check_coco, coco, "val2017",
+             match=re.escape(f"(1 of {len(original['images'])} missing, first {coco / 'val2017' / first})"))
     error_of(dense.check_coco, coco, "test2017", match="instances_test2017.json not found")
 
 
 def test_cityscapes_copy_maps_voc_classes_to_train_ids(data):
     voc, cityscapes = data["voc"], data["cityscapes"]
-    assert len(dense.CITYSCAPES_CLASSES) == 19 and dense.CITYSCAPES_CLASSES[0] == "road" and dense.CITYSCAPES_CLASSES[-1] == "bicycle"
+    assert (len(dense.CITYSCAPES_CLASSES) == 19 and dense.CITYSCAPES_CLASSES[0] == "road"
+            and dense.CITYSCAPES_CLASSES[-1] == "bicycle")
     for split, voc_split in (("train", "trainval"), ("val", "test")):
         ids = read_image_set(voc, voc_split)
         assert dense.check_cityscapes(cityscapes, split) == {"images": len(ids), "cities": 2}
         for image_path in sorted((cityscapes / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
             city, seq, frame = image_path.name.split("_")[:3]
             assert city in ("synthA", "synthB") and seq == "000000" and f"{int(frame):06d}" in ids
-            label_path = cityscapes / "gtFine" / split / city / image_path.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
-            with Image.open(label_path) as png, Image.open(voc / "SegmentationClass" / f"{frame}.png") as voc_png, Image.open(image_path) as image:
+            label_path = (cityscapes / "gtFine" / split / city
+                          / image_path.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png"))
+            with (Image.open(label_path) as png, Image.open(voc / "SegmentationClass" / f"{frame}.png") as voc_png,
+                  Image.open(image_path) as image):
                 labels, classes = np.asarray(png), np.asarray(voc_png).astype(int)
                 assert png.mode == "L" and image.size == voc_png.size
             assert set(np.unique(labels).tolist()) <= set(range(19)) | {255}

@@ -22,8 +22,8 @@ pytest.importorskip("mmcv.ops", reason="the OpenMMLab stack is not installed (to
 pytest.importorskip("mmdet")
 pytest.importorskip("mmseg")
 
-from protocols import detection, mmdet_adapter, mmseg_adapter, segmentation  # noqa: E402
-from replication import cli  # noqa: E402
+from protocols import detection, mmdet_adapter, mmseg_adapter, segmentation
+from replication import cli
 
 ARCH = "resnet18"
 TINY_DET = dict(iterations=3, batch_size=2, warmup_iters=1, steps=(2,), train_short_sides=(64,), max_size=128,
@@ -76,7 +76,8 @@ def test_weights_go_in_loudly(subject):
     place, owned = mmdet_adapter.backbone_placement("coco-fpn"), mmdet_adapter.owned_prefixes("coco-fpn")
     source = subject.backbone.state_dict()
     missing = {k: v for k, v in source.items() if k != "layer2.0.bn1.weight"}
-    with pytest.raises(transfer.WeightTransferError, match=r"1 backbone key\(s\) of the model are not in the checkpoint"):
+    with pytest.raises(transfer.WeightTransferError,
+                       match=r"1 backbone key\(s\) of the model are not in the checkpoint"):
         transfer.transfer_backbone_weights(model, missing, place, owned)
     prefixed = {f"backbone.{k}": v for k, v in source.items()}
     with pytest.raises(transfer.WeightTransferError, match="no place in the model"):
@@ -173,7 +174,8 @@ def test_voc_fcn_finetune_and_frozen(subject, voc_root, tmp_path):
         assert set(result.metrics) == {"mIoU", "aAcc"} and 0.0 <= result.metrics["mIoU"] <= 100.0
         assert len(result.details["per_class_iou"]) == 21
         trained = _saved_model(tmp_path / mode)
-        same = torch.equal(trained["backbone.layer4.1.conv2.weight"], subject.backbone.state_dict()["layer4.1.conv2.weight"])
+        same = torch.equal(trained["backbone.layer4.1.conv2.weight"],
+                           subject.backbone.state_dict()["layer4.1.conv2.weight"])
         assert same == (mode == "frozen")
         assert result.protocol == "seg_voc_fcn"
 
@@ -226,11 +228,12 @@ def test_replicate_dense_stores_runs_judges_claims_and_resumes(voc_root, tmp_pat
 
     tmp = tmp_path_factory.mktemp("dense-pipeline")
     preset = tmp / "tiny.yaml"
-    preset.write_text(yaml.safe_dump(dict(arch="resnet18", image_size=32, epochs=1, batch_size=8, lr=0.03, queue_size=16,
-                                          epoch_order="halves", workers=0, save_every=1, log_every=2)))
+    preset.write_text(yaml.safe_dump(dict(arch="resnet18", image_size=32, epochs=1, batch_size=8, lr=0.03,
+                                          queue_size=16, epoch_order="halves", workers=0, save_every=1, log_every=2)))
     cfg = ReplicateDenseConfig(preset=str(preset), pretrain_images=str(voc_root / "JPEGImages"), synthetic_images=24,
                                det_iterations=2, seg_iterations=2, workers=0, device="cpu",
-                               runs=str(tmp / "runs"), pretrain_runs=str(tmp / "pretrain"), results=str(tmp / "results"),
+                               runs=str(tmp / "runs"), pretrain_runs=str(tmp / "pretrain"),
+                               results=str(tmp / "results"),
                                progress=False)
     outcome = replicate_dense(cfg)
     assert len(outcome["runs"]) == 24  # 2 methods x 3 seeds x 2 tasks x 2 modes
@@ -243,7 +246,8 @@ def test_replicate_dense_stores_runs_judges_claims_and_resumes(voc_root, tmp_pat
     assert verdicts["dir.det_coco_mask_fpn.bbox_ap.densecl-vs-mocov2"] == "not run"
     assert verdicts["readme.det_voc_c4.ap.densecl.in1k200"] == "not comparable (scale)"
     assert (outcome["report"].parent / "plots" / "dense.png").stat().st_size > 1000
-    records = [r for r in ResultsStore(cfg.results, read_only=True).load_runs("replicate-dense") if r.protocol != "report"]
+    records = [r for r in ResultsStore(cfg.results, read_only=True).load_runs("replicate-dense")
+               if r.protocol != "report"]
     assert {(r.config["task"], r.config["mode"]) for r in records} == {
         (t, m) for t in ("voc-c4", "voc-fcn") for m in ("finetune", "frozen")}
     bench_log.clear()

@@ -19,7 +19,8 @@ def make(seed=0, **kwargs):
 def test_state_dict_adds_the_dense_head_and_second_queue():
     model = make(queue_size=64)
     keys = set(model.state_dict())
-    assert {"encoder_q.1.mlp2.0.weight", "encoder_q.1.mlp2.0.bias", "encoder_q.1.mlp2.2.weight", "encoder_q.1.mlp2.2.bias"} <= keys
+    assert {"encoder_q.1.mlp2.0.weight", "encoder_q.1.mlp2.0.bias", "encoder_q.1.mlp2.2.weight",
+            "encoder_q.1.mlp2.2.bias"} <= keys
     assert {"queue2", "queue2_ptr"} <= keys
     assert model.encoder_q[1].mlp2[0].weight.shape == (512, 512, 1, 1)
     assert model.encoder_q[1].mlp2[2].weight.shape == (128, 512, 1, 1)
@@ -28,7 +29,8 @@ def test_state_dict_adds_the_dense_head_and_second_queue():
 def test_dense_convs_keep_pytorch_default_init():
     conv = make(queue_size=64).encoder_q[1].mlp2[0]
     bound = 1 / math.sqrt(512)  # kaiming_uniform(a=sqrt(5)) and the default bias: U(-1/sqrt(fan_in), ..)
-    assert conv.weight.abs().max().item() <= bound and conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert (conv.weight.abs().max().item() <= bound
+            and conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05))
     assert conv.bias.detach().any() and conv.bias.abs().max().item() <= bound
 
 
@@ -57,7 +59,7 @@ def flip_recovery(model: DenseCL, im_q: torch.Tensor) -> float:
         q_b = F.normalize(model.encoder_q[0](im_q)["feature5"].flatten(2), dim=1)
         k_b = model.keys(im_q.flip(3))[3]
         match = dense_correspondence(q_b, k_b)
-    side = int(math.isqrt(match.shape[1]))
+    side = math.isqrt(match.shape[1])
     mirror = torch.tensor([h * side + (side - 1 - w) for h in range(side) for w in range(side)])
     return (match == mirror).float().mean().item()
 
@@ -96,7 +98,8 @@ def test_total_is_the_lambda_weighted_sum_and_warmup_holds_lambda_at_zero():
     model.iteration = 2
     out = model(x, x)
     assert out["loss_lambda"].item() == 0.5
-    assert out["loss"].item() == pytest.approx(0.5 * out["loss_global"].item() + 0.5 * out["loss_dense"].item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(0.5 * out["loss_global"].item() + 0.5 * out["loss_dense"].item(),
+                                               rel=1e-6)
 
 
 def test_dense_negatives_are_pooled_then_normalised_keys():

@@ -78,4 +78,4 @@ def test_two_process_gloo_run_matches_single_process_ghost_bn(pretrain_images, t
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("ddp", "single")]
     assert len(losses[0]) == len(losses[1]) == 3
-    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-3

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def svm_voc(tmp_path_factory):
     """160 images: every class has positives in both trainval and test."""
-    return synthetic.generate(tmp_path_factory.mktemp("svmvoc") / "VOC2007", images=160, size=64, seed=0, progress=False)
+    return synthetic.generate(tmp_path_factory.mktemp("svmvoc") / "VOC2007", images=160, size=64, seed=0,
+                              progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def test_voc_svm_gives_the_same_map_for_every_layout_of_the_same_weights(svm_voc
     results = {}
     for name, path in paths.items():
         captured = run_eval(["eval", "voc-svm", "--checkpoint", str(path), "--arch", "resnet18", "--data", str(svm_voc),
-                             "--costs", "1,0.01", "--layers", "feature4,feature5", "--workers", "0", "--svm-workers", "1",
-                             "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")],
+                             "--costs", "1,0.01", "--layers", "feature4,feature5", "--workers", "0",
+                             "--svm-workers", "1",
+                             "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                             "--results", str(tmp_path / "results")],
                             capsys)
         assert "feature5/mAP" in captured.out and "best/mAP" in captured.out
         results[name] = stored(captured)

@@ -34,7 +34,7 @@ def test_official_state_dict_layout():
 
 def test_key_encoder_starts_as_a_frozen_copy_and_queue_is_unit_columns():
     model = make(queue_size=64)
-    for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+    for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters(), strict=True):
         assert torch.equal(q, k) and not k.requires_grad
     assert model.queue.shape == (128, 64)
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(64))
@@ -51,7 +51,7 @@ def test_momentum_update_math_parameters_only():
         model.encoder_k[0].bn1.running_mean.fill_(3.0)
     before_k = [p.clone() for p in model.encoder_k.parameters()]
     momentum_update(model.encoder_q, model.encoder_k, 0.9)
-    for q, k0, k in zip(model.encoder_q.parameters(), before_k, model.encoder_k.parameters()):
+    for q, k0, k in zip(model.encoder_q.parameters(), before_k, model.encoder_k.parameters(), strict=True):
         torch.testing.assert_close(k, 0.9 * k0 + 0.1 * q)
     assert bool((model.encoder_k[0].bn1.running_mean == 3.0).all())  # buffers are not copied
 
@@ -132,7 +132,8 @@ def test_loss_at_initialisation_is_ln_k_plus_one_less_the_positive_head_start(cl
         if cls is DenseCL:
             match = dense_correspondence(F.normalize(feat_q.flatten(2), dim=1), keys[3])
             k_grid = keys[1].gather(2, match.unsqueeze(1).expand(-1, 128, -1))
-            rows["loss_dense"] = (heads[1].transpose(1, 2).reshape(-1, 128), k_grid.transpose(1, 2).reshape(-1, 128), queues["queue2"])
+            rows["loss_dense"] = (heads[1].transpose(1, 2).reshape(-1, 128), k_grid.transpose(1, 2).reshape(-1, 128),
+                                  queues["queue2"])
     for name, (q, k, queue) in rows.items():
         q = F.normalize(q, dim=1)
         pos = (q * k).sum(1) / tau

@@ -122,7 +122,8 @@ def test_one_stored_run_of_each_protocol_reaches_every_claim_about_it(svm_voc, l
             covered = claim.k in (None, *TINY[name].get("ks", ())) and claim.layer in ("", "feature5", *TINY[name].get(
                 "layers", ()))
             if covered:  # what the tiny settings evaluated gets a verdict proper
-                assert verdict.status in ("reproduced", "contradicted", "inconclusive"), (claim.claim_id, verdict.reason)
+                assert verdict.status in ("reproduced", "contradicted", "inconclusive"), (
+                    claim.claim_id, verdict.reason)
     # The synthetic data makes every run small scale: absolute numbers are "not comparable", with the value.
     knn_abs = judged["mmselfsup.knn_in1k.top1.densecl.in1k200.f5.k20"]
     assert knn_abs.status in ("not comparable (scale)", "not run")
@@ -190,5 +191,5 @@ def test_pretrain_overhead_reads_a_stored_benchmark_json(tmp_path):
     assert [r.value for r in readings if r.method == "DenseCL"] == report["compute_only"]["times"]["densecl"]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    with pytest.raises(ValueError, match="not a benchmarks/pretrain_step.py --json file"):
+    with pytest.raises(ValueError, match=r"not a benchmarks/pretrain_step.py --json file"):
         PRETRAIN_OVERHEAD.run(None, None, dataclasses.replace(cfg, from_json=str(bad)), progress=False)

@@ -9,6 +9,7 @@ from protocols.datasets import synthetic
 from replication import regression
 from replication.claims import load_claims
 from replication.pipelines import ReplicateVOCConfig, replicate_voc
+from replication.report import summary
 from replication.results import ResultsStore
 from replication.verdicts import Measurement, judge
 
@@ -50,6 +51,8 @@ def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pret
         outcome = replicate_voc(cfg)
         assert len(outcome["runs"]) == 27  # (2 methods + random init) x 3 seeds x (SVM, low-shot, dense probe)
         report = outcome["report"].read_text()
+        printed = summary(report)  # what the CLI prints at the end
+        assert printed.startswith("## Measured") and "## Claims these runs could judge" in printed
         assert "eq.voc07_svm.map.densecl-vs-mocov2.f5" in report and "3 paired seeds" in report
         assert "dir.voc07_lowshot.map.densecl-vs-mocov2.f5.k1" in report and "MDE (80% power)" in report
         verdicts = (outcome["report"].parent / "verdicts.csv").read_text()
@@ -140,7 +143,8 @@ def test_unwritable_results_folder_is_a_one_line_error(tmp_path, capsys):
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = main(["eval", "voc-svm", "--checkpoint", "random", "--arch", "resnet18", "--results", str(blocker / "results"),
+    code = main(["eval", "voc-svm", "--checkpoint", "random", "--arch", "resnet18",
+                 "--results", str(blocker / "results"),
                  "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and "error:" in err and str(blocker) in err

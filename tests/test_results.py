@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -12,16 +13,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
 
-from baselines import infra  # noqa: E402
-from baselines.infra import git_state  # noqa: E402
-from protocols.result import ProtocolResult  # noqa: E402
-from replication import results  # noqa: E402
-from replication.results import (  # noqa: E402
+from baselines import infra
+from baselines.infra import git_state
+from protocols.result import ProtocolResult
+from replication import results
+from replication.results import (
     INDEX_COLUMNS,
     ResultsError,
     ResultsStore,
@@ -349,3 +350,80 @@ def test_only_code_changes_make_the_tree_dirty(tmp_path):
 def store_row(root: Path) -> dict[str, str]:
     [row] = ResultsStore(root, read_only=True).read_index().to_dict("records")
     return row
+
+
+@pytest.fixture
+def results_log():
+    """The records `densecl_bench.results` logs, whatever handlers the CLI set up earlier in the session."""
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("densecl_bench.results")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_a_writer_killed_between_rename_and_index_append_loses_no_run(store, monkeypatch, results_log):
+    kept = store.write_run("eval", make_result(value=1.0))
+
+    def killed(self, rows):
+        raise SystemExit("killed between the rename and the index append")
+
+    monkeypatch.setattr(ResultsStore, "_append_index_rows", killed)
+    with pytest.raises(SystemExit):
+        store.write_run("eval", make_result(value=2.0))
+    monkeypatch.undo()
+    [orphan] = [r for r in store.scan_runs().records if r.run_id != kept.run_id]
+    assert list(store.read_index()["run_id"]) == [kept.run_id]
+
+    reopened = ResultsStore(store.root)
+    assert sorted(reopened.read_index()["run_id"]) == sorted([kept.run_id, orphan.run_id])
+    [warning] = [r for r in results_log if r.levelno == logging.WARNING]
+    assert f"eval/{orphan.run_id}" in warning.getMessage() and "added them" in warning.getMessage()
+    assert reopened.check() == []
+    ResultsStore(store.root)  # a second open finds nothing more to add
+    assert len(ResultsStore(store.root, read_only=True).read_index()) == 2
+
+
+def test_a_read_only_store_reports_unindexed_runs_without_writing(store, results_log):
+    record = store.write_run("eval", make_result())
+    store.index_path.write_text(",".join(INDEX_COLUMNS) + "\n")
+    ResultsStore(store.root, read_only=True)
+    [warning] = [r for r in results_log if r.levelno == logging.WARNING]
+    assert f"eval/{record.run_id}" in warning.getMessage() and "results repair" in warning.getMessage()
+    assert store.index_path.read_text() == ",".join(INDEX_COLUMNS) + "\n"
+
+
+def test_check_names_each_problem_and_repair_rebuilds_the_index(store, capsys):
+    from replication.cli import main
+
+    first = store.write_run("eval", make_result(value=1.0))
+    second = store.write_run("eval", make_result(value=2.0))
+    rows = store.index_path.read_text().splitlines()
+    store.index_path.write_text("\n".join([rows[0], rows[1], rows[1]]) + "\n")  # second's row lost, first's twice
+    ghost = store.root / "eval" / ".20200101T000000Z-knn-abcdef.partial"
+    ghost.mkdir()
+    problems = ResultsStore(store.root, read_only=True).check()
+    assert any(str(second.path) in p and "missing from" in p for p in problems)
+    assert any(f"eval/{first.run_id} is listed 2 times" in p for p in problems)
+    assert any(str(ghost) in p and "not a complete run" in p for p in problems)
+
+    assert main(["results", "check", "--results", str(store.root)]) == 1
+    out = capsys.readouterr().out
+    assert "3 problem(s)" in out and "densecl-bench results repair" in out
+    assert main(["results", "repair", "--results", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "2 problem(s) fixed" in out and f"left as it is: {ghost}" in out
+    assert sorted(store.read_index()["run_id"]) == sorted([first.run_id, second.run_id])
+    ghost.rmdir()
+    assert main(["results", "check", "--results", str(store.root)]) == 0
+
+
+def test_nothing_is_created_until_a_run_is_written(tmp_path):
+    root = tmp_path / "deep" / "results"
+    store = ResultsStore(root)
+    assert not (tmp_path / "deep").exists() and store.load_runs() == [] and store.check() == []
+    assert list(tmp_path.iterdir()) == []  # the writability probe leaves nothing behind
+    store.write_run("eval", make_result())
+    assert len(store.read_index()) == 1

@@ -58,7 +58,7 @@ def test_one_seed_gives_both_methods_the_same_start_and_the_same_views(pretrain_
         sampler.set_epoch(0)
         dataset = PretrainImages(files, TwoViews(mocov2_augmentation(32)), seed=3)
         views.append([dataset[key][0] for key in list(sampler)[:8]])
-    assert all(torch.equal(a, b) for a, b in zip(*views))
+    assert all(torch.equal(a, b) for a, b in zip(*views, strict=True))
 
 
 def test_pipeline_needs_two_paired_seeds():

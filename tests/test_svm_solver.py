@@ -83,7 +83,8 @@ def test_core_solver_reaches_the_optimum_of_a_direct_minimiser():
         assert np.allclose(result["decision"][p], x @ result["w"][p] + result["b"][p], atol=1e-9)
         # the certificate: ||grad f|| bounds the distance to the optimum (1-strong convexity)
         assert result["grad_norm"][p] <= 1e-6 * max(1.0, result["w_norm"][p])
-        assert np.linalg.norm(grad(np.concatenate([result["w"][p], [result["b"][p]]]))) < 1e-6 * max(1, result["w_norm"][p])
+        assert (np.linalg.norm(grad(np.concatenate([result["w"][p], [result["b"][p]]])))
+                < 1e-6 * max(1, result["w_norm"][p]))
 
 
 def test_core_solver_matches_liblinear_run_to_tight_tolerance():
@@ -95,9 +96,11 @@ def test_core_solver_matches_liblinear_run_to_tight_tolerance():
     for p, cost in enumerate(costs):
         model = tight_liblinear(cost, x, y)
         assert np.abs(model.decision_function(x) - result["decision"][p]).max() < 1e-6
-        assert np.allclose(model.coef_[0], result["w"][p], atol=1e-6) and abs(model.intercept_[0] - result["b"][p]) < 1e-6
+        assert (np.allclose(model.coef_[0], result["w"][p], atol=1e-6)
+                and abs(model.intercept_[0] - result["b"][p]) < 1e-6)
         # ... and a wrong answer would be noticed: a 1% smaller cost moves the decision values by more
-        assert np.abs(model.decision_function(x) - solve_squared_hinge(x, y[None], [0.99 * cost])["decision"][0]).max() > 1e-4
+        assert np.abs(model.decision_function(x)
+                      - solve_squared_hinge(x, y[None], [0.99 * cost])["decision"][0]).max() > 1e-4
 
 
 def test_duplicate_rows_and_both_stages_agree():

@@ -25,7 +25,7 @@ def assert_same_weights(a, b):
     assert a["position"] == b["position"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
@@ -112,7 +112,8 @@ def test_resume_refuses_changed_settings_and_existing_runs(reference_run, pretra
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(pretrain_images, tmp_path):
     cfg = tiny_config(pretrain_images, tmp_path, lr=1e30, save_every_iters=1, epochs=1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, iteration 2 \(step 2\); the last good checkpoint is"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, iteration 2 \(step 2\); "
+                                                 r"the last good checkpoint is"):
         pretrain(cfg)
     state = final_state(tmp_path)
     assert state["position"]["global_step"] == 1

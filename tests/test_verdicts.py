@@ -57,7 +57,7 @@ def test_directional_statuses_follow_the_paired_interval():
 def test_directional_claims_pair_by_seed_not_by_order():
     """Seed s of DenseCL is compared with seed s of MoCo-v2, whatever order the runs were stored in."""
     paired = lowshot([30, 40, 50], [31, 41, 51], seeds=[0, 1, 2])
-    shuffled = paired[:3] + [paired[5], paired[3], paired[4]]
+    shuffled = [*paired[:3], paired[5], paired[3], paired[4]]
     verdict = judge(LOWSHOT, shuffled)
     assert verdict.status == "reproduced" and verdict.measured == pytest.approx(-1.0) and verdict.sd == 0.0
 
@@ -90,7 +90,7 @@ def test_the_90_percent_interval_of_tost_is_the_t_interval():
 
 
 def test_t_interval_matches_a_hand_computed_one():
-    mean, low, high = t_interval([-1.0, -2.0, -3.0])
+    mean, _low, high = t_interval([-1.0, -2.0, -3.0])
     assert mean == -2.0
     assert high - mean == pytest.approx(4.302652729911275 * 1.0 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
     with pytest.raises(VerdictError, match="at least 2"):

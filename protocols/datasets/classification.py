@@ -20,11 +20,12 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from baselines.data import IMAGE_EXTENSIONS, load_rgb
+from baselines.infra import UserError
 from protocols.datasets import voc
 from protocols.datasets.voc import VOC_CLASSES
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError, ValueError):
     """A data folder none of the readers understands, or a malformed list file."""
 
 
@@ -174,7 +175,7 @@ def dataset_info(data: str | os.PathLike, splits: Sequence[ClassificationSplit])
 
 def check_same_classes(train: ClassificationSplit, test: ClassificationSplit) -> None:
     if train.classes != test.classes:
-        raise ValueError(
+        raise DatasetLayoutError(
             f"splits {train.name!r} and {test.name!r} have different class lists "
             f"({len(train.classes)} vs {len(test.classes)} classes): labels would not line up"
         )

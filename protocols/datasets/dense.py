@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from baselines.infra import cache_root, link_or_copy
+from baselines.infra import UserError, cache_root, link_or_copy
 from protocols.datasets import voc
 from protocols.datasets.voc import VOC_CLASSES
 
@@ -55,7 +55,7 @@ _CITYSCAPES_CONVERTER = (
 )
 
 
-class DenseDataError(ValueError):
+class DenseDataError(UserError, ValueError):
     """A dense-protocol dataset that would fail or silently mislead a run; one line naming the path and the fix."""
 
     def __init__(self, message: str) -> None:
@@ -70,7 +70,8 @@ def _missing(items: list[str], total: int) -> str:
 def _read_list(root: Path, task: str, split: str) -> list[str]:
     path = root / "ImageSets" / task / f"{split}.txt"
     if not path.is_file():
-        raise DenseDataError(f"{path} not found: {root} is not a VOC root with a {task} split {split!r} (expected VOCdevkit/VOC2007 or VOCdevkit/VOC2012)")
+        raise DenseDataError(f"{path} not found: {root} is not a VOC root with a {task} split {split!r} "
+                             "(expected VOCdevkit/VOC2007 or VOCdevkit/VOC2012)")
     return voc.read_image_set(root, split, task=task)
 
 
@@ -85,7 +86,8 @@ def check_voc_detection(roots: list[Path], split: str) -> dict:
         if not ids:
             raise DenseDataError(f"{root / 'ImageSets' / 'Main' / f'{split}.txt'} is empty: re-extract the VOC tarball")
         for folder, suffix in (("Annotations", ".xml"), ("JPEGImages", ".jpg")):
-            missing = [str(root / folder / f"{i}{suffix}") for i in ids if not (root / folder / f"{i}{suffix}").is_file()]
+            missing = [str(root / folder / f"{i}{suffix}") for i in ids
+                       if not (root / folder / f"{i}{suffix}").is_file()]
             if missing:
                 raise DenseDataError(
                     f"{root / folder} lacks files for ImageSets/Main/{split}.txt ({_missing(missing, len(ids))}): "
@@ -119,7 +121,8 @@ def _count_hint(split: str, expected: int) -> str:
             "so rebuild the list as train.txt plus the SBD-only ids"
         )
     if expected == VOC12_VAL_IMAGES:
-        return f"VOC2012 ImageSets/Segmentation/val.txt has {VOC12_VAL_IMAGES:,} ids; re-extract VOCtrainval_11-May-2012.tar"
+        return (f"VOC2012 ImageSets/Segmentation/val.txt has {VOC12_VAL_IMAGES:,} ids; "
+                "re-extract VOCtrainval_11-May-2012.tar")
     return f"expected {expected:,}"
 
 
@@ -133,7 +136,8 @@ def _check_mask_mode(path: Path) -> None:
             "use the original VOC SegmentationClass PNGs or SegmentationClassAug from the SBD converter"
         )
     if mode not in ("P", "L"):
-        raise DenseDataError(f"{path} has PIL mode {mode!r}: masks must be 8-bit 'P' or 'L' PNGs of class indices 0..20 and 255")
+        raise DenseDataError(f"{path} has PIL mode {mode!r}: masks must be 8-bit 'P' or 'L' PNGs "
+                             "of class indices 0..20 and 255")
 
 
 def check_voc_segmentation(root: Path, split: str, expected_images: int | None = None) -> dict:
@@ -150,7 +154,8 @@ def check_voc_segmentation(root: Path, split: str, expected_images: int | None =
     if expected_images is not None and len(ids) != expected_images:
         duplicated = len(ids) - len(set(ids))
         extra = f" ({duplicated:,} ids listed twice)" if duplicated else ""
-        raise DenseDataError(f"{list_path} lists {len(ids):,} images{extra}, expected {expected_images:,}: {_count_hint(split, expected_images)}")
+        raise DenseDataError(f"{list_path} lists {len(ids):,} images{extra}, expected {expected_images:,}: "
+                             f"{_count_hint(split, expected_images)}")
     masks_from = {f: 0 for f in _MASK_FOLDERS}
     first_mask: dict[str, Path] = {}
     missing: list[str] = []
@@ -169,9 +174,11 @@ def check_voc_segmentation(root: Path, split: str, expected_images: int | None =
             f"{root} has no mask in {where} for ids of {list_path} ({_missing(missing, len(ids))}): "
             "add the SBD masks as SegmentationClassAug/ (README 'Dense protocols data') or use the matching split list"
         )
-    missing_images = [str(root / "JPEGImages" / f"{i}.jpg") for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    missing_images = [str(root / "JPEGImages" / f"{i}.jpg") for i in ids
+                      if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
     if missing_images:
-        raise DenseDataError(f"{root / 'JPEGImages'} lacks images for {list_path} ({_missing(missing_images, len(ids))}): re-extract the VOC2012 JPEGImages")
+        raise DenseDataError(f"{root / 'JPEGImages'} lacks images for {list_path} "
+                             f"({_missing(missing_images, len(ids))}): re-extract the VOC2012 JPEGImages")
     for path in first_mask.values():
         _check_mask_mode(path)
     return {"images": len(ids), "masks_from": masks_from}
@@ -194,23 +201,28 @@ def check_coco(root: Path, split: str) -> dict:
         raise DenseDataError(f"{path} holds a {type(data).__name__}, not a COCO object: download it again")
     absent = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if absent:
-        raise DenseDataError(f"{path} has no {', '.join(absent)} list: use an instances_*.json (not captions/keypoints/panoptic)")
+        raise DenseDataError(f"{path} has no {', '.join(absent)} list: "
+                             "use an instances_*.json (not captions/keypoints/panoptic)")
     images, annotations, categories = data["images"], data["annotations"], data["categories"]
     image_ids = {im.get("id") for im in images}
     category_ids = {c.get("id") for c in categories}
     for key, listing, known, fix in (
         ("image_id", "images", image_ids, "the annotation file does not belong to these images; download it again"),
-        ("category_id", "categories", category_ids, "annotations use categories the file does not declare; download it again"),
+        ("category_id", "categories", category_ids,
+         "annotations use categories the file does not declare; download it again"),
     ):
         unknown = [str(a.get(key)) for a in annotations if a.get(key) not in known]
         if unknown:
             raise DenseDataError(
-                f"{path}: {len(unknown):,} of {len(annotations):,} annotations have an unknown {key} (not in {listing}), "
+                f"{path}: {len(unknown):,} of {len(annotations):,} annotations have an unknown {key} "
+                f"(not in {listing}), "
                 f"first unknown {key} {unknown[0]}: {fix}"
             )
-    missing = [str(root / split / str(im.get("file_name"))) for im in images if not (root / split / str(im.get("file_name"))).is_file()]
+    missing = [str(root / split / str(im.get("file_name"))) for im in images
+               if not (root / split / str(im.get("file_name"))).is_file()]
     if missing:
-        raise DenseDataError(f"{root / split} lacks images listed in {path} ({_missing(missing, len(images))}): unzip {split}.zip into {root}")
+        raise DenseDataError(f"{root / split} lacks images listed in {path} ({_missing(missing, len(images))}): "
+                             f"unzip {split}.zip into {root}")
     return {
         "images": len(images),
         "annotations": len(annotations),
@@ -227,10 +239,12 @@ def check_cityscapes(root: Path, split: str) -> dict:
     root = Path(root)
     image_dir = root / "leftImg8bit" / split
     if not image_dir.is_dir():
-        raise DenseDataError(f"{image_dir} not found: unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into {root}")
+        raise DenseDataError(f"{image_dir} not found: unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
+                             f"into {root}")
     images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
     if not images:
-        raise DenseDataError(f"{image_dir} has no <city>/*_leftImg8bit.png images: unzip leftImg8bit_trainvaltest.zip into {root}")
+        raise DenseDataError(f"{image_dir} has no <city>/*_leftImg8bit.png images: "
+                             f"unzip leftImg8bit_trainvaltest.zip into {root}")
     missing: list[Path] = []
     for image in images:
         stem = image.name[: -len("_leftImg8bit.png")]
@@ -240,9 +254,11 @@ def check_cityscapes(root: Path, split: str) -> dict:
     if missing:
         first = missing[0]
         base = first.parent / first.name[: -len("_labelTrainIds.png")]
-        where = f"{root / 'gtFine' / split} lacks _gtFine_labelTrainIds.png files ({_missing([str(p) for p in missing], len(images))})"
+        where = (f"{root / 'gtFine' / split} lacks _gtFine_labelTrainIds.png files "
+                 f"({_missing([str(p) for p in missing], len(images))})")
         if Path(f"{base}_labelIds.png").is_file() or Path(f"{base}_polygons.json").is_file():
-            raise DenseDataError(f"{where} but has labelIds/polygons: make the train-id labels with {_CITYSCAPES_CONVERTER}")
+            raise DenseDataError(f"{where} but has labelIds/polygons: "
+                                 f"make the train-id labels with {_CITYSCAPES_CONVERTER}")
         raise DenseDataError(f"{where}: unzip gtFine_trainvaltest.zip into {root}, then run {_CITYSCAPES_CONVERTER}")
     return {"images": len(images), "cities": len({p.parent.name for p in images})}
 
@@ -253,7 +269,8 @@ def check_cityscapes(root: Path, split: str) -> dict:
 def _source_summary(voc_root: Path) -> dict:
     path = voc_root / "dataset.json"
     if not path.is_file():
-        raise DenseDataError(f"{path} not found: {voc_root} is not a synthetic VOC set; make one with protocols.datasets.synthetic.cached()")
+        raise DenseDataError(f"{path} not found: {voc_root} is not a synthetic VOC set; "
+                             "make one with protocols.datasets.synthetic.cached()")
     return json.loads(path.read_text())
 
 
@@ -268,13 +285,15 @@ def _build_cached(voc_root: Path, out: Path | None, suffix: str, write: Callable
         if not marker.is_file():
             return None
         if json.loads(marker.read_text()).get("source_dataset") != source:
-            raise DenseDataError(f"{out} was made from a different synthetic VOC set than {voc_root}: pass another out= or remove {out}")
+            raise DenseDataError(f"{out} was made from a different synthetic VOC set than {voc_root}: "
+                                 f"pass another out= or remove {out}")
         return out
 
     if (done := existing()) is not None:
         return done
     if out.exists():
-        raise DenseDataError(f"{out} exists but has no {_MARKER} (an interrupted or foreign folder): remove it or pass another out=")
+        raise DenseDataError(f"{out} exists but has no {_MARKER} (an interrupted or foreign folder): "
+                             "remove it or pass another out=")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -301,7 +320,7 @@ def rle_encode(mask: np.ndarray) -> dict:
     edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     runs = np.diff(np.concatenate(([0], edges, [flat.size]))).tolist()
     if flat.size and flat[0]:
-        runs = [0] + runs
+        runs = [0, *runs]
     return {"counts": runs, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
@@ -314,9 +333,11 @@ def _coco_split(voc_root: Path, ids: list[str], images_dir: Path) -> dict:
             instance = np.asarray(png)
         labelled = set(np.unique(instance).tolist()) - {0, 255}
         if labelled - set(range(1, len(annotation.objects) + 1)):
-            raise DenseDataError(f"SegmentationObject/{image_id}.png of {voc_root} has instance ids {sorted(labelled)} but the XML has {len(annotation.objects)} objects: regenerate the synthetic set")
+            raise DenseDataError(f"SegmentationObject/{image_id}.png of {voc_root} has instance ids {sorted(labelled)} "
+                                 f"but the XML has {len(annotation.objects)} objects: regenerate the synthetic set")
         link_or_copy(voc_root / "JPEGImages" / f"{image_id}.jpg", images_dir / f"{image_id}.jpg")
-        images.append({"id": int(image_id), "file_name": f"{image_id}.jpg", "height": annotation.height, "width": annotation.width})
+        images.append({"id": int(image_id), "file_name": f"{image_id}.jpg", "height": annotation.height,
+                       "width": annotation.width})
         for k, obj in enumerate(annotation.objects, start=1):
             mask = instance == k
             xmin, ymin, xmax, ymax = obj.bbox
@@ -331,14 +352,16 @@ def _coco_split(voc_root: Path, ids: list[str], images_dir: Path) -> dict:
             })
     return {
         "info": {
-            "description": f"SYNTHETIC data, not COCO: the densecl-bench synthetic VOC set {voc_root.name} in the COCO 2017 layout",
+            "description": f"SYNTHETIC data, not COCO: the densecl-bench synthetic VOC set {voc_root.name} "
+                           "in the COCO 2017 layout",
             "version": "1.0",
             "contributor": "densecl-bench protocols.datasets.dense.synthetic_coco",
         },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in (_COCO_CATEGORY[n] for n in VOC_CLASSES)],
+        "categories": [{"id": cid, "name": name, "supercategory": sup}
+                       for cid, name, sup in (_COCO_CATEGORY[n] for n in VOC_CLASSES)],
     }
 
 

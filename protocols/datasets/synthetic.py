@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from baselines.config import ConfigError
 from baselines.infra import cache_root
 from protocols.datasets.voc import VOC_CLASSES
 
@@ -137,7 +138,9 @@ class SceneObject:
     occluded: int
 
 
-def render_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[SceneObject], bool]:
+def render_scene(
+    seed: int, index: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[SceneObject], bool]:
     """(RGB image, class map, instance map, objects, in_trainval) for image `index`."""
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
     short = int(round(size * rng.uniform(0.75, 1.0)))
@@ -166,7 +169,8 @@ def render_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarr
             continue
         hue = (look.hue + rng.normal(0, 0.02)) % 1.0
         saturation = rng.uniform(0.55, 0.95) if is_object else rng.uniform(0.0, 0.3)
-        light, dark = _hsv_to_rgb(hue, saturation, rng.uniform(0.7, 1.0)), _hsv_to_rgb(hue, saturation, rng.uniform(0.25, 0.5))
+        light, dark = (_hsv_to_rgb(hue, saturation, rng.uniform(0.7, 1.0)),
+                       _hsv_to_rgb(hue, saturation, rng.uniform(0.25, 0.5)))
         period = max(2.5, radius * rng.uniform(0.25, 0.4))
         pattern = _texture(look.texture, x - cx, y - cy, look.angle + rot, period)[..., None]
         shading = 1 + 0.25 * np.clip(u[..., None], -1, 1)
@@ -181,7 +185,7 @@ def render_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarr
 
     image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
     objects, class_map, kept_instance = [], np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
-    for i, (c, full) in enumerate(zip(classes, full_masks), start=1):
+    for i, (c, full) in enumerate(zip(classes, full_masks, strict=True), start=1):
         visible = instance == i
         n_visible = int(visible.sum())
         if n_visible < MIN_VISIBLE_PIXELS:
@@ -190,7 +194,9 @@ def render_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarr
         truncated = int(full[0].any() or full[-1].any() or full[:, 0].any() or full[:, -1].any())
         visible_fraction = n_visible / max(1, int(full.sum()))
         difficult = int(n_visible < 0.004 * h * w or visible_fraction < 0.25)
-        objects.append(SceneObject(c, (int(cols.min()) + 1, int(rows.min()) + 1, int(cols.max()) + 1, int(rows.max()) + 1), truncated, difficult, int(visible_fraction < 0.85)))
+        objects.append(SceneObject(c, (int(cols.min()) + 1, int(rows.min()) + 1,
+                                       int(cols.max()) + 1, int(rows.max()) + 1),
+                                   truncated, difficult, int(visible_fraction < 0.85)))
         class_map[visible] = c + 1
         kept_instance[visible] = len(objects)
     border = _borders(kept_instance)
@@ -227,13 +233,15 @@ def annotation_xml(image_id: str, width: int, height: int, objects: list[SceneOb
         ET.SubElement(node, "occluded").text = str(obj.occluded)
         ET.SubElement(node, "difficult").text = str(obj.difficult)
         box = ET.SubElement(node, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.bbox):
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.bbox, strict=True):
             ET.SubElement(box, tag).text = str(value)
     ET.indent(root, space="\t")
     return ET.tostring(root, encoding="utf-8")
 
 
-def _write_image(root: Path, palette: list[int], seed: int, index: int, size: int) -> tuple[str, list[SceneObject], bool]:
+def _write_image(
+    root: Path, palette: list[int], seed: int, index: int, size: int
+) -> tuple[str, list[SceneObject], bool]:
     image_id = f"{index + 1:06d}"
     image, class_map, instance, objects, trainval = render_scene(seed, index, size)
     Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
@@ -241,7 +249,8 @@ def _write_image(root: Path, palette: list[int], seed: int, index: int, size: in
         png = Image.fromarray(labels, mode="P")
         png.putpalette(palette)
         png.save(root / folder / f"{image_id}.png")
-    (root / "Annotations" / f"{image_id}.xml").write_bytes(annotation_xml(image_id, image.shape[1], image.shape[0], objects))
+    (root / "Annotations" / f"{image_id}.xml").write_bytes(
+        annotation_xml(image_id, image.shape[1], image.shape[0], objects))
     return image_id, objects, trainval
 
 
@@ -268,15 +277,16 @@ def generate(out: str | os.PathLike, images: int = 512, size: int = 96, seed: in
     """Write the dataset to `out` (which must not exist) via a temporary folder renamed at the end."""
     out = Path(out)
     if images < 2:
-        raise ValueError(f"need at least 2 images, got {images}")
+        raise ConfigError(f"need at least 2 images, got {images}")
     if size < 32:
-        raise ValueError(f"image size must be at least 32 pixels, got {size}")
+        raise ConfigError(f"image size must be at least 32 pixels, got {size}")
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for folder in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject", "ImageSets/Main", "ImageSets/Segmentation"):
+        for folder in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject", "ImageSets/Main",
+                       "ImageSets/Segmentation"):
             (tmp / folder).mkdir(parents=True)
         palette = voc_palette()
         records = [

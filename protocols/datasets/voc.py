@@ -16,6 +16,8 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from baselines.infra import UserError
+
 # The 20 PASCAL VOC classes in the devkit's order; label columns use them sorted (spec §1.2).
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -24,7 +26,7 @@ VOC_CLASSES = (
 _LABEL_MAP = {1: 1, -1: 0, 0: -1}
 
 
-class VOCFormatError(ValueError):
+class VOCFormatError(UserError, ValueError):
     """A VOC folder with a missing or malformed file; the message names it."""
 
 

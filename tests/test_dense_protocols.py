@@ -88,7 +88,7 @@ def test_weights_go_in_loudly(subject):
 
 
 def test_only_torchvision_style_resnets_are_taken():
-    with pytest.raises(ValueError, match="torchvision-style ResNet"):
+    with pytest.raises(transfer.WeightTransferError, match="torchvision-style ResNet"):
         transfer.resnet_depth("efficientnet_b0")
 
 

@@ -971,14 +971,7 @@ def train_and_test_svm_batched(
     for message in messages:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     return {
-        "protocol": "voc07_svm",
-        "mAP": 100.0 * float(np.mean(test_ap)),
-        "ap": {name: 100.0 * float(test_ap[c]) for c, name in enumerate(names)},
-        "chosen_cost": {name: costs[chosen[c]] for c, name in enumerate(names)},
-        "chosen_cost_index": [int(j) for j in chosen],
-        "cv_ap": cv_ap.tolist(),
-        "classes": names,
-        "costs": list(costs),
+        **voc_svm.full_protocol_scores(test_ap, cv_ap, chosen, names, costs),
         "fits": total_fits,
         "convergence_warnings": int((~diag.converged).sum()),
         "other_warnings": messages,

@@ -555,20 +555,28 @@ def train_and_test_svm(
     finished = time.perf_counter()
 
     return {
-        "protocol": "voc07_svm",
-        "mAP": 100.0 * float(np.mean(test_ap)),
-        "ap": {name: 100.0 * float(test_ap[c]) for c, name in enumerate(names)},
-        "chosen_cost": {name: costs[chosen[c]] for c, name in enumerate(names)},
-        "chosen_cost_index": [int(j) for j in chosen],
-        "cv_ap": cv_ap.tolist(),  # classes x costs, sklearn AP (fraction), the selection criterion
-        "classes": names,
-        "costs": list(costs),
+        **full_protocol_scores(test_ap, cv_ap, chosen, names, costs),
         "fits": total_fits,
         "convergence_warnings": tally.convergence,
         "other_warnings": _report_other_warnings(tally),
         "workers": workers,
         "config": asdict(cfg),
         "timings": {"prepare_s": prepared - started, "fit_s": finished - prepared, "total_s": finished - started},
+    }
+
+
+def full_protocol_scores(test_ap: np.ndarray, cv_ap: np.ndarray, chosen: Sequence[int], names: Sequence[str],
+                         costs: Sequence[float]) -> dict[str, Any]:
+    """The scores every full-protocol result carries, whichever solver fitted it (liblinear or batched)."""
+    return {
+        "protocol": "voc07_svm",
+        "mAP": 100.0 * float(np.mean(test_ap)),
+        "ap": {name: 100.0 * float(test_ap[c]) for c, name in enumerate(names)},
+        "chosen_cost": {name: costs[chosen[c]] for c, name in enumerate(names)},
+        "chosen_cost_index": [int(j) for j in chosen],
+        "cv_ap": cv_ap.tolist(),  # classes x costs, sklearn AP (fraction), the selection criterion
+        "classes": list(names),
+        "costs": list(costs),
     }
 
 

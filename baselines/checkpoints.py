@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from baselines.backbone import Backbone, create_backbone
-from baselines.infra import UserError
+from baselines.infra import UserError, torch_file_problem
 
 # What baselines/train.py writes: `Trainer._state()["format"]` and `export_backbone()["author"]`.
 OUR_TRAINING_FORMAT = "densecl-bench/pretrain"
@@ -155,7 +155,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> object:
         detectron2_pickle = None if zipfile.is_zipfile(path) else _read_numpy_pickle(path)
         if isinstance(detectron2_pickle, dict):
             return detectron2_pickle
-        raise CheckpointError(f"cannot read {path} as a checkpoint: {_torch_load_reason(torch_error)}") from None
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {torch_file_problem(path, torch_error)}") from None
 
 
 def detect_format(checkpoint: object) -> tuple[str, Mapping[str, object]]:
@@ -378,15 +378,6 @@ def _read_numpy_pickle(path: str | os.PathLike) -> object:
             return NumpyOnlyUnpickler(f, encoding="latin1").load()
     except Exception:
         return None
-
-
-def _torch_load_reason(err: Exception) -> str:
-    message = str(err)
-    if "Weights only load failed" in message:
-        detail = next((line.strip() for line in message.splitlines() if "WeightsUnpickler error" in line), "")
-        return f"it pickles objects other than tensors, which torch.load(weights_only=True) refuses ({detail})"
-    first_line = message.strip().splitlines()[0] if message.strip() else ""
-    return f"not a PyTorch checkpoint or detectron2 pickle ({type(err).__name__}: {first_line})"
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...] | None:

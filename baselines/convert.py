@@ -31,16 +31,9 @@ from baselines.checkpoints import (
     read_checkpoint_file,
     summarize_keys,
 )
+from baselines.convert_cli import TARGETS
 from baselines.files import file_sha256
 from baselines.infra import atomic_file, naming_write_errors, torch_file_problem
-
-TARGETS: dict[str, str] = {
-    "detectron2": "detectron2 .pkl (convert-pretrain-to-detectron2.py renames, matching_heuristics)",
-    "mmdet": "mmdet/mmcv {'state_dict', 'meta'} with torchvision ResNet keys",
-    "mmseg": "the mmdet file: mmseg's ResNet reads the same keys",
-    "torchvision": "plain torchvision ResNet state dict (no fc)",
-    "timm": "plain timm state dict (no classifier)",
-}
 
 # torchvision's ResNet naming, which mmdet's and timm's ResNets share (spec §4, "timm vs torchvision").
 # A deep stem (conv1.0.*, ResNetV1c/resnet50d) or SE/attention modules do not match, on purpose.
@@ -348,22 +341,3 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(conversion.summary())
     print(conversion.usage())
     return 0
-
-
-def add_convert_command(commands) -> None:
-    """Add `densecl-bench convert` to the CLI's sub-command parsers."""
-    parser = commands.add_parser(
-        "convert",
-        help="write a checkpoint's backbone for detectron2, mmdet/mmseg, torchvision or timm",
-        description="Read any supported checkpoint (ours, official DenseCL/OpenSelfSup, MMSelfSup, MoCo, "
-        "torchvision/timm, detectron2 .pkl), check its backbone strictly, and write it for the target: "
-        "detectron2 .pkl with the official renames and matching_heuristics, mmdet/mmseg {'state_dict', 'meta'}, "
-        "or a plain torchvision/timm state dict without the classifier. The written file is read back and "
-        "compared with the source before it replaces anything.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint to convert")
-    parser.add_argument("--to", required=True, choices=tuple(TARGETS), help="target library")
-    parser.add_argument("--out", help="output file (default: <checkpoint stem>_<target>.pkl/.pth beside it)")
-    parser.add_argument("--arch", help="backbone architecture (default: from the checkpoint)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.set_defaults(func=cmd_convert)

@@ -31,6 +31,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
+from baselines.config import ConfigError
 from baselines.data import load_rgb
 from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
 from protocols.common import resolve_device
@@ -82,18 +83,18 @@ def lr_at(epoch: int, base_lr: float, milestones: Sequence[int], gamma: float = 
 def resolve_config(cfg: LinearConfig, data: str | os.PathLike) -> tuple[LinearConfig, dict[str, Any]]:
     """Every `None` replaced by the recipe's value; also returns how lr and milestones were derived."""
     if cfg.variant not in RECIPES:
-        raise ValueError(f"unknown linear-probe variant {cfg.variant!r}: choose from {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown linear-probe variant {cfg.variant!r}: choose from {', '.join(RECIPES)}")
     recipe = RECIPES[cfg.variant]
     epochs = recipe.epochs if cfg.probe_epochs is None else int(cfg.probe_epochs)
     if epochs < 1 or cfg.batch_size < 1 or cfg.image_size < 32:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, image_size >= 32; "
+        raise ConfigError(f"need epochs >= 1, batch_size >= 1, image_size >= 32; "
                          f"got {epochs}, {cfg.batch_size}, {cfg.image_size}")
     layers = recipe.layers if cfg.layers is None else tuple(cfg.layers)
     if recipe.head == "avgpool" and layers != ("feature5",):
-        raise ValueError("the avgpool probe (§2.3) has a single head on feature5")
+        raise ConfigError("the avgpool probe (§2.3) has a single head on feature5")
     unknown = [layer for layer in layers if layer not in FEATURE_NAMES]
     if unknown or not layers:
-        raise ValueError(f"unknown layers {unknown or list(layers)}: choose from {', '.join(FEATURE_NAMES)}")
+        raise ConfigError(f"unknown layers {unknown or list(layers)}: choose from {', '.join(FEATURE_NAMES)}")
     milestones = (scale_milestones(recipe.milestones, recipe.epochs, epochs) if cfg.milestones is None
                   else tuple(int(m) for m in cfg.milestones))
     base_lr = recipe.lr if cfg.lr is None else float(cfg.lr)
@@ -137,7 +138,7 @@ def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: 
     """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1)."""
     heads = nn.ModuleDict()
     if variant not in RECIPES:
-        raise ValueError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
     if RECIPES[variant].head == "avgpool":
         channels = backbone.channels["feature5"]
         heads["feature5"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear_layer(channels, num_classes))
@@ -314,7 +315,6 @@ def save_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict, optim
 def load_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict,
                optimizer: torch.optim.Optimizer) -> TrainingState:
     """The probe state saved at `path`, checked to belong to this run; a damaged or foreign file is one line."""
-    from baselines.config import ConfigError
     from baselines.infra import load_torch_file
 
     fix = "delete it to start the probe afresh, or give another --work-dir"

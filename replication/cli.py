@@ -245,7 +245,7 @@ def _add_data(commands, summary: str) -> None:
 
 
 def _add_convert(commands, summary: str) -> None:
-    from baselines.convert import add_convert_command
+    from baselines.convert_cli import add_convert_command
 
     add_convert_command(commands)
 

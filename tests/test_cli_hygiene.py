@@ -42,11 +42,10 @@ def help_imports(*argv: str) -> tuple[str, list[str]]:
 
 
 # Any `eval` call builds every protocol's flags, so one `eval <protocol> --help` imports all their declarations.
-# Not yet here: `pretrain`, `convert` and `replicate` take their flags from modules that import torch at the
-# top (baselines.train's PretrainConfig, baselines.convert, replication.pipelines).
 @pytest.mark.parametrize("argv", [
     ["--help"], ["eval", "--help"], ["eval", "linear_in1k_mhead", "--help"], ["report", "--help"],
     ["results", "check", "--help"], ["claims", "list", "--help"], ["data", "synth", "--help"], ["regression", "--help"],
+    ["pretrain", "--help"], ["convert", "--help"], ["replicate", "voc", "--help"], ["replicate", "dense", "--help"],
 ])
 def test_help_imports_no_heavy_library(argv):
     text, heavy = help_imports(*argv)

@@ -20,13 +20,13 @@ from baselines.checkpoints import OUR_TRAINING_FORMAT, CheckpointError, detectro
 from baselines.convert import (
     TARGETS,
     ConversionError,
-    add_convert_command,
     convert,
     convert_checkpoint,
     default_out_path,
     file_sha256,
     torchvision_to_detectron2_key,
 )
+from baselines.convert_cli import add_convert_command
 from baselines.densecl import DenseCL
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -44,7 +44,6 @@ import csv
 import math
 import re
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,22 +503,10 @@ LIST_COLUMNS = ("claim_id", "kind", "method", "metric", "value", "tolerance", "v
 MISSING_COLUMNS = ("claim_id", "table", "method", "protocol_id", "metric")
 
 
-def _load_or_report(args: argparse.Namespace) -> list[Claim] | None:
-    try:
-        return load_claims(args.claims_file)
-    except ClaimsError as err:
-        print(f"densecl-bench claims: error: {err}", file=sys.stderr)
-        return None
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    claims = _load_or_report(args)
-    if claims is None:
-        return 1
+    claims = load_claims(args.claims_file)
     if args.protocol and args.protocol not in PROTOCOLS:
-        print(f"densecl-bench claims: error: unknown protocol {args.protocol!r} (known: {', '.join(PROTOCOLS)})",
-              file=sys.stderr)
-        return 1
+        raise ClaimsError(f"unknown protocol {args.protocol!r} (known: {', '.join(PROTOCOLS)})")
     shown = [c for c in claims
              if (not args.protocol or c.protocol_id == args.protocol)
              and (not args.method or args.method.lower() in (c.method.lower(), c.baseline.lower()))
@@ -531,9 +518,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_missing(args: argparse.Namespace) -> int:
-    claims = _load_or_report(args)
-    if claims is None:
-        return 1
+    claims = load_claims(args.claims_file)
     absent = missing(claims)
     _print_table(absent, MISSING_COLUMNS, "every claim has a transcribed value")
     print(f"{len(absent)} of {len(claims)} claims not transcribed (see each row's notes for where to find it)")
@@ -541,9 +526,7 @@ def cmd_missing(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    claims = _load_or_report(args)
-    if claims is None:
-        return 1
+    claims = load_claims(args.claims_file)
     problems = check_consistency(claims)
     for problem in problems:
         print(f"problem: {problem}")
@@ -558,9 +541,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
     from replication.coverage import COLUMNS, coverage
 
-    claims = _load_or_report(args)
-    if claims is None:
-        return 1
+    claims = load_claims(args.claims_file)
     rows = coverage(claims)
     total = {c: sum(int(r[c]) for r in rows) for c in COLUMNS[1:]}
     frame = pd.DataFrame([*rows, {"protocol_id": "total", **total}], columns=list(COLUMNS))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import re
@@ -12,6 +11,7 @@ import pytest
 
 from replication import claims as registry
 from replication.claims import ClaimsError, check_consistency, load_claims, missing
+from replication.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "replication" / "claims.csv"
@@ -276,12 +276,9 @@ def test_short_row_and_missing_file_are_one_line_errors(tmp_path):
 
 @pytest.fixture()
 def run_claims(capsys):
-    parser = argparse.ArgumentParser(prog="densecl-bench")
-    registry.add_claims_commands(parser.add_subparsers(dest="command", required=True))
-
+    """`densecl-bench claims ARGV` through the real entry point, so errors take its one-line form."""
     def run(*argv: str) -> tuple[int, str, str]:
-        args = parser.parse_args(["claims", *argv])
-        code = args.func(args)
+        code = main(["claims", *argv])
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -314,7 +311,7 @@ def test_claims_coverage_reaches_every_claim_of_an_implemented_protocol(run_clai
 
 def test_claims_list_rejects_an_unknown_protocol(run_claims):
     code, _, err = run_claims("list", "--protocol", "nope")
-    assert code == 1 and "unknown protocol 'nope'" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "unknown protocol 'nope'" in err
 
 
 def test_claims_missing_prints_the_untranscribed(run_claims):
@@ -330,4 +327,4 @@ def test_claims_check_passes_on_the_shipped_file_and_fails_on_a_broken_one(run_c
     assert code == 1 and f"problem: {VOC_DET_DELTA}" in out
     malformed = rewrite(tmp_path, lambda rows: set_cell(rows, 1, "value", "two"))
     code, _, err = run_claims("check", "--file", str(malformed))
-    assert code == 1 and ":2: column 'value'" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and ":2: column 'value'" in err

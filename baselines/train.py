@@ -34,6 +34,7 @@ from baselines import config as configs
 from baselines.augment import TwoViews, mocov2_augmentation
 from baselines.backbone import create_backbone
 from baselines.data import PretrainImages, PretrainSampler, data_name, find_images
+from baselines.distributed import Distributed
 from baselines.infra import (
     Interrupted,
     StopRequest,
@@ -100,42 +101,6 @@ class Position:
     epoch: int = 0
     iteration: int = 0
     global_step: int = 0
-
-
-class Distributed:
-    """Process-group set-up from torchrun's environment (nccl on CUDA, gloo on CPU)."""
-
-    def __init__(self, device_name: str) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_name == "auto":
-            device_name = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_name == "cuda":  # torch.cuda.set_device refuses a device without an index
-            device_name = f"cuda:{local_rank}"
-        self.device = torch.device(device_name)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(values)
-            values = values / self.world_size
-        return values
-
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _ignore_signals_in_worker(worker_id: int) -> None:
@@ -324,9 +289,7 @@ class Trainer:
     def _all_bad_images(self) -> set[int]:
         if self.dist.world_size == 1:
             return self.bad_images
-        gathered = [None] * self.dist.world_size
-        dist.all_gather_object(gathered, sorted(self.bad_images))
-        return set().union(*map(set, gathered))
+        return set().union(*map(set, self.dist.all_gather_object(sorted(self.bad_images))))
 
     def save(self, keep: bool) -> Path:
         """Write last.pth (and, if `keep`, epoch_NNNN.pth); every rank calls this, rank 0 writes.

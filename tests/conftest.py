@@ -15,6 +15,9 @@ from baselines.train import PretrainConfig
 from protocols.datasets import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+# A hang guard for subprocesses, not a speed check: far above the slowest tiny run on a 2-core machine that runs
+# other CPU-bound work beside the suite (issue 14). A run that hangs never ends; one that is slow still passes.
+HANG_GUARD_S = 1200
 
 
 def pytest_configure(config):

@@ -219,7 +219,7 @@ def test_cli_says_what_is_wrong_in_one_line(checkpoint, voc_root, tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 24 dense runs: ~2.5 min idle, ~5 min on 2 busy cores
+@pytest.mark.timeout(2400)  # 24 dense runs: ~2.5 min idle, ~5 min on 2 busy cores
 def test_replicate_dense_stores_runs_judges_claims_and_resumes(voc_root, tmp_path_factory, bench_log):
     import yaml
 

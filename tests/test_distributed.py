@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_config
+from conftest import HANG_GUARD_S, REPO, tiny_config
 
 from baselines.train import pretrain
 
@@ -46,7 +46,7 @@ def _torchrun(tmp_path, data, out) -> subprocess.CompletedProcess:
         "--device", "cpu", "--save-every", "1", "--log-every", "1", "--no-progress",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_two_process_gloo_run_matches_single_process_ghost_bn(pretrain_images, tmp_path):

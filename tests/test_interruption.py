@@ -16,11 +16,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 pytestmark = pytest.mark.slow
 
-HANG_GUARD_S = 240  # far above a tiny run on a loaded 2-core machine; a hang never ends
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--queue-size", "32", "--epochs", "1",
         "--workers", "2", "--device", "cpu", "--no-progress"]
 

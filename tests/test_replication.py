@@ -37,7 +37,7 @@ def tiny_preset(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 6 pretrainings and 27 protocol runs: ~2 min idle, up to ~6 min on 2 busy cores
+@pytest.mark.timeout(2400)  # 6 pretrainings and 27 protocol runs: ~2 min idle, up to ~6 min on 2 busy cores
 def test_small_scale_pipeline_stores_runs_and_a_report_and_resumes(svm_voc, pretrain_images, tiny_preset, tmp_path,
                                                                      bench_log):
     cfg = ReplicateVOCConfig(preset=tiny_preset, pretrain_images=str(pretrain_images), voc_root="",

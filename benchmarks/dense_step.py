@@ -103,6 +103,24 @@ def measure_one(model: str, scale: str, arch: str, batch_size: int | None, itera
             "rois_per_image": getattr(cfg, "rois_per_image", None), "threads": torch.get_num_threads()}
 
 
+class BenchmarkFailed(RuntimeError):
+    """A (model, scale) point whose child process failed; the message is its last stderr line."""
+
+
+def run_isolated(model: str, scale: str, arch: str, batch_size: int | None, iterations: int, warmup: int,
+                 device: str) -> dict:
+    """`measure_one` in a fresh process, so the peak memory it reports is that model's alone."""
+    command = [sys.executable, __file__, "--one", f"{model}:{scale}", "--arch", arch, "--iterations",
+               str(iterations), "--warmup", str(warmup), "--device", device]
+    if batch_size:
+        command += ["--batch", str(batch_size)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise BenchmarkFailed(lines[-1] if lines else f"exit status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -125,15 +143,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'peak MiB':>9s}  ({device})")
     for model in args.models:
         for scale in args.scales:
-            command = [sys.executable, __file__, "--one", f"{model}:{scale}", "--arch", args.arch, "--iterations",
-                       str(args.iterations), "--warmup", str(args.warmup), "--device", device]
-            if args.batch:
-                command += ["--batch", str(args.batch)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{model:15s} {scale:9s} failed: {done.stderr.strip().splitlines()[-1]}")
+            try:
+                r = run_isolated(model, scale, args.arch, args.batch, args.iterations, args.warmup, device)
+            except BenchmarkFailed as failure:
+                print(f"{model:15s} {scale:9s} failed: {failure}")
                 continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{model:15s} {scale:9s} {r['arch']:9s} {r['batch']:5d} {'x'.join(map(str, r['input'])):>18s} "
                   f"{r['seconds_per_iteration']:8.2f} {r['peak_memory_mib']:9d}", flush=True)
     return 0

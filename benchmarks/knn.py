@@ -78,7 +78,8 @@ def gib(kib: float) -> float:
     return kib / 2**20
 
 
-def measure_one(args: argparse.Namespace, size: int) -> None:
+def measure(args: argparse.Namespace, size: int) -> dict:
+    """One timed `knn_classify` on a random bank of `size` rows, in this process: the figures as a dict."""
     import faiss
 
     from protocols.knn import knn_classify
@@ -116,15 +117,22 @@ def measure_one(args: argparse.Namespace, size: int) -> None:
     finally:
         if path:
             os.unlink(path)
-    peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    gflop = 2.0 * size * args.queries * args.dim / 1e9
+    return {"size": size, "dim": args.dim, "storage": args.storage, "queries": args.queries, "seconds": seconds,
+            "gflop": 2.0 * size * args.queries * args.dim / 1e9, "make_seconds": make_seconds,
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "peak_anon_kib": monitor.peak_kib,
+            "before_kib": before_kib, "k": min(args.ks), "top1": metrics[f"top1@k={min(args.ks)}"],
+            "classes": args.classes}
+
+
+def measure_one(args: argparse.Namespace, size: int) -> None:
+    r = measure(args, size)
+    seconds = r["seconds"]
     print(
-        f"bank {size:>9,} x {args.dim} ({size * args.dim * 4 / 2**30:5.2f} GiB, {args.storage}) | "
-        f"{args.queries:,} queries | k-NN {seconds:8.1f} s ({gflop / seconds:6.1f} GFLOP/s, "
-        f"{seconds / args.queries * 1e3:6.2f} ms/query) | peak RSS {gib(peak_rss_kib):5.2f} GiB | "
-        f"peak anon {gib(monitor.peak_kib):5.2f} GiB (+{gib(monitor.peak_kib - before_kib):4.2f} during k-NN) | "
-        f"setup {make_seconds:.0f} s | top1@k={min(args.ks)} {metrics[f'top1@k={min(args.ks)}']:.2f} "
-        f"(chance {100 / args.classes:.2f})",
+        f"bank {size:>9,} x {r['dim']} ({size * r['dim'] * 4 / 2**30:5.2f} GiB, {r['storage']}) | "
+        f"{r['queries']:,} queries | k-NN {seconds:8.1f} s ({r['gflop'] / seconds:6.1f} GFLOP/s, "
+        f"{seconds / r['queries'] * 1e3:6.2f} ms/query) | peak RSS {gib(r['peak_rss_kib']):5.2f} GiB | "
+        f"peak anon {gib(r['peak_anon_kib']):5.2f} GiB (+{gib(r['peak_anon_kib'] - r['before_kib']):4.2f} during "
+        f"k-NN) | setup {r['make_seconds']:.0f} s | top1@k={r['k']} {r['top1']:.2f} (chance {100 / r['classes']:.2f})",
         flush=True,
     )
 

@@ -11,11 +11,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("MoCo-v2", "DenseCL")
 EXPECTED = (
     [("pretrain", name)
@@ -38,7 +37,7 @@ def mm_stack_present() -> bool:
 def test_gpu_check_tiny_on_cpu_prints_every_row(tmp_path):
     table = tmp_path / "gpu_check.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--json", str(table)], capture_output=True, text=True, timeout=280, cwd=REPO)
+                           "--json", str(table)], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.startswith("device cpu") and "\nsettings tiny" in done.stdout
     rows = json.loads(table.read_text())["rows"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 from baselines import config as configs
@@ -142,10 +143,10 @@ def _torchrun_ranks(protocol, given: dict):
     from baselines.distributed import Distributed, TorchrunError
     from baselines.infra import LOGGER_ROOT
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not protocol.torchrun:  # before joining the process group
+        raise TorchrunError(f"{protocol.name} does not run under torchrun yet; run it as one process")
     device_field = any(f.name == "device" for f in dataclasses.fields(protocol.config))
     ranks = Distributed(given.get("device", "auto") if device_field else "cpu")
-    if ranks.world_size > 1 and not protocol.torchrun:
-        raise TorchrunError(f"{protocol.name} does not run under torchrun; run it as one process")
     if not ranks.is_main:
         logging.getLogger(LOGGER_ROOT).setLevel(logging.WARNING)
     return ranks

@@ -12,6 +12,9 @@ partial top-k lists are merged in a `faiss.ResultHeap`. No full copy of the bank
 a 1.28M x 2048 float32 bank (10.5 GB) that lives on disk as the feature cache's memmap needs well
 under 1 GB of RAM besides the page cache.
 
+Under torchrun the ranks share the feature extraction and the queries (`query_units`), and gather the
+neighbour lists back in query order, so the result has the same bits as one process's.
+
 FAISS, torch and the datasets are imported by the functions that use them, so the declaration below
 (and `densecl-bench eval knn_in1k --help`) needs none of them.
 """

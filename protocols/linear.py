@@ -10,6 +10,10 @@ Reproducible and resumable by construction: the epoch's sample order depends onl
 `<out>/linear_state.pt` at any iteration, with any number of loader workers, continues exactly as
 if it had never stopped. The state is written atomically at the end of every epoch, every
 `checkpoint_seconds`, and on SIGINT/SIGTERM (at the next iteration boundary).
+
+Under torchrun the heads train with DDP on the same batches, each rank taking an even part of each (the
+total batch and the LR stay the reference's); the heads' BN then normalises with the whole batch's
+statistics, as the reference's SyncBN does (§2.1), and rank 0 alone writes the state.
 """
 
 from __future__ import annotations
@@ -534,7 +538,7 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
 
     net: nn.Module = HeadsForward(heads)
     if ranks.world_size > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[ranks.device.index] if device.type == "cuda" else None)
     train_data = SeededImages(train.samples, train_transform(cfg.variant, cfg.image_size), cfg.seed)
     start = time.perf_counter()
     with frozen(backbone.to(device)):

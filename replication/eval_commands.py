@@ -152,6 +152,13 @@ def _torchrun_ranks(protocol, given: dict):
     return ranks
 
 
+def _torchrun_command(world_size: int) -> list[str]:
+    """How this job was launched, for the stored command line: torchrun's ranks per node and nodes."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = ["--nnodes", str(world_size // per_node)] if per_node != world_size else []
+    return ["torchrun", *nodes, "--nproc_per_node", str(per_node), "-m", "replication"]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """One protocol on one checkpoint; under torchrun every rank runs this and rank 0 alone stores the result."""
     from protocols.registry import get_protocol
@@ -205,7 +212,8 @@ def _evaluate(args: argparse.Namespace, protocol, given: dict, ranks) -> int:
         return 0
     _print_metrics(f"{protocol.name} ({result.scale} scale; {result.dataset.get('name', '')}, "
                    f"{result.dataset.get('splits', '')})", result.metrics)
-    record = store.write_run("eval", result, seed=getattr(cfg, "seed", None), command=["densecl-bench", *args.argv])
+    command = [*(_torchrun_command(ranks.world_size) if ranks.world_size > 1 else ["densecl-bench"]), *args.argv]
+    record = store.write_run("eval", result, seed=getattr(cfg, "seed", None), command=command)
     print(f"result: {record.path / 'result.json'}\nrun id: {record.run_id}  (judge it: densecl-bench report --runs "
           f"{record.run_id})")
     return 0

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
 from baselines.distributed import Distributed
-from baselines.infra import UserError, atomic_numpy_save, atomic_write_json, cache_root
+from baselines.infra import UserError, atomic_numpy_save, atomic_write_json, cache_root, get_logger
 
 
 class FeatureCacheError(UserError, RuntimeError):
@@ -53,6 +53,7 @@ SVM_POOLS: dict[str, tuple[int, int, int]] = {
 }
 POOLINGS = ("svm", "gap")
 FLUSH_SECONDS = 30.0
+LOG = get_logger("features")
 
 
 def svm_pool(layer: str) -> nn.AvgPool2d:
@@ -146,6 +147,7 @@ def extract_to(
                       for layer in layers}
         else:
             arrays = {layer: open_memmap(partial[layer], mode="r+") for layer in layers}
+            LOG.info("%s: resuming an interrupted feature extraction at image %d of %d", split, done, n)
     done = int(ranks.broadcast_object(done))
 
     def flush(rows: int) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,8 @@ def one_process(argv: list[str], capsys) -> dict:
     return stored_result(captured.out)
 
 
-def two_ranks(argv: list[str], cwd: Path) -> dict:
+def two_ranks(argv: list[str], cwd: Path) -> tuple[dict, str]:
+    """The stored result of `torchrun --nproc_per_node 2 -m replication ARGV`, and what the ranks logged."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "replication",
            *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -76,7 +78,19 @@ def two_ranks(argv: list[str], cwd: Path) -> dict:
     assert done.stdout.count("result: ") == 1  # rank 0 alone stores and prints the result
     result = stored_result(done.stdout)
     assert result["command"][:4] == ["torchrun", "--nproc_per_node", "2", "-m"]
-    return result
+    return result, done.stderr
+
+
+def interrupt_extraction(cache: Path, split: str, layer: str, done: int) -> None:
+    """The cache as an extraction killed after flushing `done` rows leaves it: a partial file (later rows still
+    zero) and the resume marker, from the finished features of another run."""
+    [features] = cache.glob(f"*/{split}_{layer}.npy")
+    rows = np.load(features)
+    rows[done:] = 0
+    np.save(features.with_name(features.name + ".partial"), rows)  # the .npy format open_memmap writes
+    features.unlink()
+    (features.parent / f"{split}.progress.json").write_text(json.dumps({"layers": [layer], "rows": len(rows),
+                                                                        "done": done}))
 
 
 def cache_files(root: Path) -> dict[str, Path]:
@@ -91,7 +105,12 @@ def test_knn_and_its_feature_cache_are_bit_identical_to_one_process(voc_root, tm
     argv = ["eval", "knn_in1k", *RANDOM_RESNET18, "--data", str(voc_root), "--train-split", "trainval",
             "--test-split", "trainval", "--ks", "1,3,5", "--batch-size", "4", "--query-chunk-rows", "4"]
     single = one_process([*argv, "--cache-dir", str(tmp_path / "one"), "--results", str(tmp_path / "r1")], capsys)
-    ranks = two_ranks([*argv, "--cache-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")], tmp_path)
+    # The ranks resume an extraction that one process left after 2 batches: rows 8..28 are theirs to compute.
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    interrupt_extraction(tmp_path / "two", "trainval", "feature5", done=8)
+    ranks, log = two_ranks([*argv, "--cache-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")],
+                           tmp_path)
+    assert "trainval: resuming an interrupted feature extraction at image 8 of 29" in log
     assert single["metrics"]["top1@k=1"] == 100.0
     assert ranks["metrics"] == single["metrics"]
     one, two = cache_files(tmp_path / "one"), cache_files(tmp_path / "two")
@@ -113,7 +132,7 @@ def test_voc07_svm_on_features_extracted_by_two_ranks_matches_one_process(svm_vo
     argv = ["eval", "voc07_svm", *RANDOM_RESNET18, "--data", str(svm_voc), "--costs", "1.0,0.0625", "--batch-size",
             "16", "--svm-workers", "1"]
     single = one_process([*argv, "--cache-dir", str(tmp_path / "one"), "--results", str(tmp_path / "r1")], capsys)
-    ranks = two_ranks([*argv, "--cache-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")], tmp_path)
+    ranks, _ = two_ranks([*argv, "--cache-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")], tmp_path)
     assert ranks["metrics"] == single["metrics"]
     untimed = [{k: v for k, v in run["details"]["svm"]["feature5"].items() if k != "timings"}
                for run in (single, ranks)]
@@ -130,7 +149,7 @@ def test_linear_probe_with_ddp_matches_one_process(voc_root, tmp_path, capsys):
     argv = ["eval", "linear_in1k_mhead", *RANDOM_RESNET18, "--data", str(voc_root), "--test-split", "trainval",
             "--image-size", "32", "--probe-epochs", "2", "--batch-size", "8", "--lr", "0.01"]
     single = one_process([*argv, "--work-dir", str(tmp_path / "one"), "--results", str(tmp_path / "r1")], capsys)
-    ranks = two_ranks([*argv, "--work-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")], tmp_path)
+    ranks, _ = two_ranks([*argv, "--work-dir", str(tmp_path / "two"), "--results", str(tmp_path / "r2")], tmp_path)
     # Top-k hits on 29 images: a logit moved by ~1e-6 could at most flip a near tie, i.e. one image.
     for name, value in single["metrics"].items():
         assert abs(ranks["metrics"][name] - value) <= 100.0 / 29 + 1e-9, name

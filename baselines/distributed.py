@@ -18,6 +18,10 @@ class RankMismatch(UserError):
     """The ranks of one torchrun job disagree on an input (a checkpoint, a dataset, a setting)."""
 
 
+class TorchrunError(UserError, ValueError):
+    """A setting or a command that cannot work under torchrun (e.g. one GPU index for every rank); one line."""
+
+
 class Distributed:
     """Process-group set-up from torchrun's environment (nccl on CUDA, gloo on CPU)."""
 
@@ -29,6 +33,9 @@ class Distributed:
             device_name = "cuda" if torch.cuda.is_available() else "cpu"
         if device_name == "cuda":  # torch.cuda.set_device refuses a device without an index
             device_name = f"cuda:{local_rank}"
+        elif self.world_size > 1 and device_name.startswith("cuda:") and device_name != f"cuda:{local_rank}":
+            raise TorchrunError(f"device {device_name} under torchrun: every rank would share one GPU; give cuda "
+                               f"or auto, and each rank takes cuda:LOCAL_RANK (cuda:{local_rank} here)")
         self.device = torch.device(device_name)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -43,11 +50,32 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
-    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over the ranks, on every rank (in place; on the group's device)."""
         if self.world_size > 1:
             dist.all_reduce(values)
-            values = values / self.world_size
         return values
+
+    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            values = self.all_sum(values) / self.world_size
+        return values
+
+    def broadcast_object(self, value: object) -> object:
+        """Rank 0's `value` on every rank: what rank 0 decided (from files only it writes) holds everywhere."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, value: object) -> list[object] | None:
+        """Every rank's `value` in rank order on rank 0 (None on the others): for results only rank 0 writes."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[object] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
 
     def all_gather_object(self, value: object) -> list[object]:
         """Every rank's `value`, in rank order (a list of one without torchrun)."""

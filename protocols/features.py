@@ -7,7 +7,9 @@ so BN uses its running statistics (§1.6, item 5).
 
 The cache folder is keyed by checkpoint sha256 + dataset fingerprint + transform + pooling, holds
 one `<split>_<layer>.npy` per layer plus `<split>_labels.npy` and `<split>_ids.json`, and an
-interrupted extraction resumes from the last flushed row.
+interrupted extraction resumes from the last flushed row. Under torchrun the ranks share the batches and
+rank 0 alone writes the folder (which must be on a filesystem every rank reads); the files have the same
+bytes as one process's, and a run interrupted at one number of ranks resumes at any other.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
-from baselines.infra import UserError, atomic_numpy_save, atomic_write_json, cache_root
+from baselines.distributed import Distributed
+from baselines.infra import UserError, atomic_numpy_save, atomic_write_json, cache_root, get_logger
 
 
 class FeatureCacheError(UserError, RuntimeError):
@@ -50,6 +53,7 @@ SVM_POOLS: dict[str, tuple[int, int, int]] = {
 }
 POOLINGS = ("svm", "gap")
 FLUSH_SECONDS = 30.0
+LOG = get_logger("features")
 
 
 def svm_pool(layer: str) -> nn.AvgPool2d:
@@ -95,6 +99,20 @@ def _feature_dims(backbone: Backbone, layers: list[str], pooling: str, device: t
         return {layer: int(v.shape[1]) for layer, v in pool_features(probe, layers, pooling).items()}
 
 
+def _resume_row(marker: Path, partial: dict[str, Path], layers: list[str], n: int) -> int:
+    """The rows an interrupted extraction flushed (0 when there is none, or it was of other layers or rows)."""
+    if marker.exists() and all(p.exists() for p in partial.values()):
+        state = json.loads(marker.read_text())
+        if state.get("layers") == layers and state.get("rows") == n:
+            return int(state["done"])
+    return 0
+
+
+def batch_spans(start: int, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (first, stop) rows of every batch from `start`: the same batches at any number of ranks."""
+    return [(first, min(first + batch_size, n)) for first in range(start, n, batch_size)]
+
+
 def extract_to(
     out: Path,
     backbone: Backbone,
@@ -107,50 +125,69 @@ def extract_to(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> None:
-    """Fill `out/<split>_<layer>.npy` row by row; resumable via `<split>.progress.json`."""
-    device = torch.device(device)
+    """Fill `out/<split>_<layer>.npy` row by row; resumable via `<split>.progress.json`.
+
+    Under torchrun the batches are dealt out in turn (batch b to rank b mod N), so each batch holds the same
+    images as in one process and its features have the same bytes; rank 0 gathers every round of N batches,
+    writes them in image order and alone owns the files (flushes, the resume marker, the final rename).
+    """
+    ranks = Distributed(str(device))
+    device = ranks.device
     backbone = backbone.to(device).eval()
     n = len(dataset)
     dims = _feature_dims(backbone, layers, pooling, device)
     marker = out / f"{split}.progress.json"
     partial = {layer: out / f"{split}_{layer}.npy.partial" for layer in layers}
+    arrays: dict[str, np.ndarray] = {}
     done = 0
-    if marker.exists() and all(p.exists() for p in partial.values()):
-        state = json.loads(marker.read_text())
-        if state.get("layers") == layers and state.get("rows") == n:
-            done = int(state["done"])
-    if done == 0:
-        arrays = {layer: open_memmap(partial[layer], mode="w+", dtype=np.float32, shape=(n, dims[layer]))
-                  for layer in layers}
-    else:
-        arrays = {layer: open_memmap(partial[layer], mode="r+") for layer in layers}
+    if ranks.is_main:
+        done = _resume_row(marker, partial, layers, n)
+        if done == 0:
+            arrays = {layer: open_memmap(partial[layer], mode="w+", dtype=np.float32, shape=(n, dims[layer]))
+                      for layer in layers}
+        else:
+            arrays = {layer: open_memmap(partial[layer], mode="r+") for layer in layers}
+            LOG.info("%s: resuming an interrupted feature extraction at image %d of %d", split, done, n)
+    done = int(ranks.broadcast_object(done))
 
     def flush(rows: int) -> None:
         for array in arrays.values():
             array.flush()
         atomic_write_json(marker, {"layers": layers, "rows": n, "done": rows}, indent=None)
 
-    loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    batches = batch_spans(done, n, batch_size)
+    mine = [row for first, stop in batches[ranks.rank :: ranks.world_size] for row in range(first, stop)]
+    loader = iter(DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                             pin_memory=device.type == "cuda"))
     last_flush = time.monotonic()
-    bar = tqdm(total=n, initial=done, desc=f"features {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n, initial=done, desc=f"features {split}", unit="img",
+               disable=not (progress and ranks.is_main), dynamic_ncols=True)
     with torch.inference_mode():
-        for images, _, index in loader:
-            pooled = pool_features(backbone(images.to(device, non_blocking=True)), layers, pooling)
-            rows = slice(int(index[0]), int(index[-1]) + 1)
-            for layer, value in pooled.items():
-                arrays[layer][rows] = value.float().cpu().numpy()
-            done = rows.stop
-            bar.update(len(index))
+        for round_start in range(0, len(batches), ranks.world_size):
+            pooled = None
+            if round_start + ranks.rank < len(batches):
+                images, _, index = next(loader)
+                features = pool_features(backbone(images.to(device, non_blocking=True)), layers, pooling)
+                pooled = (int(index[0]), {layer: value.float().cpu().numpy() for layer, value in features.items()})
+            gathered = ranks.gather_object(pooled)
+            if not ranks.is_main:
+                continue
+            for first, values in (item for item in gathered if item is not None):
+                for layer, value in values.items():
+                    arrays[layer][first : first + len(value)] = value
+                bar.update(len(value))
+            done = batches[min(round_start + ranks.world_size, len(batches)) - 1][1]
             if time.monotonic() - last_flush > FLUSH_SECONDS:
                 flush(done)
                 last_flush = time.monotonic()
     bar.close()
-    flush(done)
-    arrays.clear()  # drop the memmaps before renaming their files
-    for layer in layers:
-        os.replace(partial[layer], out / f"{split}_{layer}.npy")
-    marker.unlink()
+    if ranks.is_main:
+        flush(done)
+        arrays.clear()  # drop the memmaps before renaming their files
+        for layer in layers:
+            os.replace(partial[layer], out / f"{split}_{layer}.npy")
+        marker.unlink()
+    ranks.barrier()  # the other ranks read the finished files next
 
 
 def cache_key(**parts) -> str:
@@ -181,18 +218,23 @@ def cached_features(
     layers = _check_layers(layers, pooling)
     if len(ids) != len(dataset) or len(labels) != len(dataset):
         raise ValueError(f"{len(dataset)} images but {len(ids)} ids and {len(labels)} label rows")
+    ranks = Distributed(str(extract_kwargs.get("device", "cpu")))
     folder = Path(cache_dir or default_cache_dir()) / cache_key(pooling=pooling, arch=backbone.name, **key)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "meta.json"
-    if not meta.exists():
-        atomic_write_json(meta, dict(sorted({"pooling": pooling, "arch": backbone.name, **key}.items())))
+    if ranks.is_main:  # under torchrun rank 0 writes the cache; the others read it once it is complete
+        folder.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
+            atomic_write_json(meta, dict(sorted({"pooling": pooling, "arch": backbone.name, **key}.items())))
+    ranks.barrier()
     ids_file = folder / f"{split}_ids.json"
     if ids_file.exists() and json.loads(ids_file.read_text()) != list(ids):
         raise FeatureCacheError(f"feature cache {folder} holds other image ids for split {split!r}; delete it")
-    missing = [layer for layer in layers if not (folder / f"{split}_{layer}.npy").exists()]
+    missing = ranks.broadcast_object([layer for layer in layers if not (folder / f"{split}_{layer}.npy").exists()])
     if missing:
         extract_to(folder, backbone, dataset, missing, pooling, split, **extract_kwargs)
-    atomic_numpy_save(folder / f"{split}_labels.npy", np.asarray(labels))
-    if not ids_file.exists():
-        atomic_write_json(ids_file, list(ids), indent=None)
+    if ranks.is_main:
+        atomic_numpy_save(folder / f"{split}_labels.npy", np.asarray(labels))
+        if not ids_file.exists():
+            atomic_write_json(ids_file, list(ids), indent=None)
+    ranks.barrier()
     return {layer: np.load(folder / f"{split}_{layer}.npy", mmap_mode="r") for layer in layers}, folder

@@ -12,6 +12,9 @@ partial top-k lists are merged in a `faiss.ResultHeap`. No full copy of the bank
 a 1.28M x 2048 float32 bank (10.5 GB) that lives on disk as the feature cache's memmap needs well
 under 1 GB of RAM besides the page cache.
 
+Under torchrun the ranks share the feature extraction and the queries (`query_units`), and gather the
+neighbour lists back in query order, so the result has the same bits as one process's.
+
 FAISS, torch and the datasets are imported by the functions that use them, so the declaration below
 (and `densecl-bench eval knn_in1k --help`) needs none of them.
 """
@@ -33,6 +36,7 @@ from protocols.registry import Protocol, Reading, synthetic_voc
 from protocols.result import ProtocolResult
 
 if TYPE_CHECKING:
+    from baselines.distributed import Distributed
     from protocols.datasets.classification import ClassificationSplit
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -71,6 +75,42 @@ def _check_inputs(train_features, train_labels, test_features, test_labels, ks, 
     return ks
 
 
+def query_units(queries: int, chunk_rows: int, world_size: int, block_rows: int) -> list[tuple[int, int]]:
+    """The (start, stop) query ranges searched in one FAISS call each, in query order.
+
+    One process searches whole chunks of `chunk_rows`. Under torchrun each chunk is cut further, at multiples of
+    FAISS's own query block (`block_rows`, its BLAS block) from the chunk's start, with the tail shorter than a
+    block kept in the last piece: FAISS then runs the very same BLAS calls for every query as on the whole chunk,
+    so each query's neighbours and similarities have the same bits (tests/test_knn.py checks this).
+    """
+    units = []
+    for c0 in range(0, queries, chunk_rows):
+        c1 = min(c0 + chunk_rows, queries)
+        if world_size == 1:
+            units.append((c0, c1))
+            continue
+        cuts = list(range(c0, c1 - block_rows + 1, block_rows)) or [c0]
+        units.extend(zip(cuts, [*cuts[1:], c1], strict=True))
+    return units
+
+
+def _search(train_features: np.ndarray, queries: np.ndarray, k: int, bank_chunk_rows: int,
+            bar) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of already normalised `queries` over the whole bank, streamed in chunks: (rows, k) each."""
+    import faiss
+
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for b0 in range(0, len(train_features), bank_chunk_rows):
+        bank = l2_normalise(train_features[b0 : b0 + bank_chunk_rows])
+        # Same kernel as IndexFlatIP.search, without copying the chunk into an index.
+        sims, ids = faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(sims, ids + b0)
+        del bank
+        bar.update()
+    heap.finalize()  # sorts each row best first
+    return heap.D, heap.I
+
+
 def nearest_neighbours(
     train_features: np.ndarray,
     test_features: np.ndarray,
@@ -78,31 +118,30 @@ def nearest_neighbours(
     bank_chunk_rows: int = 32768,
     query_chunk_rows: int = 65536,
     progress: bool = False,
+    ranks: Distributed | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarities and bank indices of the top-k neighbours, best first: (Q, k) each."""
+    """Cosine similarities and bank indices of the top-k neighbours, best first: (Q, k) each.
+
+    With `ranks` (torchrun), the query units are dealt out in turn (unit i to rank i mod N) and gathered back
+    in query order on every rank.
+    """
     import faiss
     from tqdm.auto import tqdm
 
+    world, rank = (ranks.world_size, ranks.rank) if ranks is not None else (1, 0)
     n, q = len(train_features), len(test_features)
+    units = query_units(q, query_chunk_rows, world, faiss.cvar.distance_compute_blas_query_bs)
+    mine = units[rank::world]
+    bar = tqdm(total=len(range(0, n, bank_chunk_rows)) * len(mine), desc="k-NN search", unit="chunk",
+               disable=not progress, dynamic_ncols=True)
+    found = [_search(train_features, l2_normalise(test_features[start:stop]), k, bank_chunk_rows, bar)
+             for start, stop in mine]
+    bar.close()
+    parts = ranks.all_gather_object(found) if ranks is not None else [found]
     similarities = np.empty((q, k), dtype=np.float32)
     indices = np.empty((q, k), dtype=np.int64)
-    bank_chunks = range(0, n, bank_chunk_rows)
-    bar = tqdm(total=len(bank_chunks) * len(range(0, q, query_chunk_rows)), desc="k-NN search", unit="chunk",
-               disable=not progress, dynamic_ncols=True)
-    for q0 in range(0, q, query_chunk_rows):
-        queries = l2_normalise(test_features[q0 : q0 + query_chunk_rows])
-        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-        for b0 in bank_chunks:
-            bank = l2_normalise(train_features[b0 : b0 + bank_chunk_rows])
-            # Same kernel as IndexFlatIP.search, without copying the chunk into an index.
-            sims, ids = faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(sims, ids + b0)
-            del bank
-            bar.update()
-        heap.finalize()  # sorts each row best first
-        similarities[q0 : q0 + len(queries)] = heap.D
-        indices[q0 : q0 + len(queries)] = heap.I
-    bar.close()
+    for i, (start, stop) in enumerate(units):  # unit i was rank (i mod N)'s (i div N)-th
+        similarities[start:stop], indices[start:stop] = parts[i % world][i // world]
     return similarities, indices
 
 
@@ -145,10 +184,12 @@ def knn_classify(
     bank_chunk_rows: int = 32768,
     query_chunk_rows: int = 65536,
     progress: bool = False,
+    ranks: Distributed | None = None,
 ) -> dict[str, float]:
     """Weighted k-NN top-1/top-5 (x100) for every k: `{"top1@k=20": ..., "top5@k=20": ...}`.
 
-    One search at the largest k; smaller k reuse the first columns of its sorted neighbour lists.
+    One search at the largest k; smaller k reuse the first columns of its sorted neighbour lists. Under
+    torchrun (`ranks`) the queries are shared out and every rank computes the same metrics from all of them.
     """
     ks = _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature)
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -160,7 +201,7 @@ def knn_classify(
     if bank_chunk_rows < 1 or query_chunk_rows < 1:
         raise ValueError("chunk sizes must be positive")
     similarities, indices = nearest_neighbours(train_features, test_features, ks[-1], bank_chunk_rows,
-                                               query_chunk_rows, progress)
+                                               query_chunk_rows, progress, ranks)
     neighbour_labels = train_labels[indices]
     top1 = {k: 0 for k in ks}
     top5 = {k: 0 for k in ks}
@@ -213,7 +254,12 @@ def split_features(subject, split: ClassificationSplit, layer: str, cfg: KNNConf
 
 
 def run(subject, data: str | os.PathLike, cfg: KNNConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
-    """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1); work_dir is unused."""
+    """Bank = GAP `cfg.layer` features of the train split, queries = the test split (§3.1); work_dir is unused.
+
+    Under torchrun the ranks share the feature extraction and the queries; every rank returns the same result.
+    """
+    from baselines.distributed import Distributed
+    from protocols.common import resolve_device
     from protocols.datasets.classification import check_same_classes, dataset_info, default_splits, load_split
 
     default_train, default_test = default_splits(data)
@@ -234,6 +280,7 @@ def run(subject, data: str | os.PathLike, cfg: KNNConfig, *, work_dir=None, prog
         bank, train.labels, queries, test.labels, ks=resolved.ks, temperature=resolved.temperature,
         num_classes=len(train.classes), bank_chunk_rows=resolved.bank_chunk_rows,
         query_chunk_rows=resolved.query_chunk_rows, progress=progress,
+        ranks=Distributed(str(resolve_device(resolved.device))),
     )
     timings["knn"] = time.perf_counter() - start
     config = {**asdict(resolved), "arch": subject.backbone.name, "pooling": "gap", "num_classes": len(train.classes),
@@ -264,4 +311,4 @@ KNN_IN1K = Protocol(
     "val split. Data: an ImageNet-style folder (train/<class>/*, val/<class>/*), meta/{train,val}_labeled.txt list "
     "files, or a VOC root (each image labelled by its largest object). Without --data: the synthetic VOC set.",
     metrics=('top1', 'top5'), config=KNNConfig, body=run, measurements=measurements, default_data=synthetic_voc,
-    aliases=("knn",))
+    aliases=("knn",), torchrun=True)

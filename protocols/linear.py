@@ -10,6 +10,10 @@ Reproducible and resumable by construction: the epoch's sample order depends onl
 `<out>/linear_state.pt` at any iteration, with any number of loader workers, continues exactly as
 if it had never stopped. The state is written atomically at the end of every epoch, every
 `checkpoint_seconds`, and on SIGINT/SIGTERM (at the next iteration boundary).
+
+Under torchrun the heads train with DDP on the same batches, each rank taking an even part of each (the
+total batch and the LR stay the reference's); the heads' BN then normalises with the whole batch's
+statistics, as the reference's SyncBN does (§2.1), and rank 0 alone writes the state.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from baselines.backbone import FEATURE_NAMES, Backbone
 from baselines.config import ConfigError
 from baselines.data import load_rgb
+from baselines.distributed import Distributed
 from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
 from protocols.common import resolve_device
 from protocols.datasets.classification import (
@@ -43,7 +49,7 @@ from protocols.datasets.classification import (
     default_splits,
     load_split,
 )
-from protocols.features import IMAGENET_MEAN, IMAGENET_STD, SVM_POOLS, svm_pool
+from protocols.features import IMAGENET_MEAN, IMAGENET_STD, SVM_POOLS, batch_spans, svm_pool
 from protocols.linear_protocols import (  # noqa: F401  (the declarations and settings, re-exported)
     LINEAR_IN1K,
     LINEAR_IN1K_MHEAD,
@@ -133,9 +139,47 @@ def linear_layer(in_features: int, num_classes: int) -> nn.Linear:
     return fc
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, summed over the torchrun ranks.
+
+    The reference's heads use SyncBN (spec §2.1, `norm_cfg=dict(type='SyncBN', affine=False)`): statistics over the
+    whole batch of 256 on 8 GPUs, which is what one process's BatchNorm2d computes over the same 256 images. So
+    under torchrun the heads get this instead of a per-rank BN. Its input is a pooled map of the frozen backbone
+    (no gradient) and it has no affine parameters, so the statistics are taken outside autograd; that makes it
+    work on gloo/CPU too, where torch's SyncBatchNorm refuses to run. Running statistics update as BatchNorm2d's.
+    """
+
+    def __init__(self, num_features: int, ranks: Distributed, momentum: float = 0.1) -> None:
+        super().__init__(num_features, affine=False, momentum=momentum)
+        self.ranks = ranks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("GlobalBatchNorm2d normalises inputs that need no gradient (frozen-backbone maps)")
+        channels = x.shape[1]
+        with torch.no_grad():
+            wide = x.double()
+            totals = self.ranks.all_sum(torch.cat([wide.sum((0, 2, 3)), wide.square().sum((0, 2, 3)),
+                                                   wide.new_tensor([x.numel() // channels])]))
+            count = totals[-1]
+            mean = totals[:channels] / count
+            var = totals[channels:-1] / count - mean.square()  # biased, as BN normalises; float64 sums
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - factor).add_(factor * (var * count / (count - 1)).to(self.running_var.dtype))
+            shape = (1, channels, 1, 1)
+            return (x - mean.view(shape).to(x.dtype)) * torch.rsqrt(var + self.eps).view(shape).to(x.dtype)
+
+
 def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: int = SPEC_IMAGE_SIZE,
-                layers: Sequence[str] | None = None) -> nn.ModuleDict:
-    """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1)."""
+                layers: Sequence[str] | None = None, ranks: Distributed | None = None) -> nn.ModuleDict:
+    """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1).
+
+    With `ranks` of a torchrun job the BN is the global-batch `GlobalBatchNorm2d` (the reference's SyncBN).
+    """
     heads = nn.ModuleDict()
     if variant not in RECIPES:
         raise ConfigError(f"unknown linear-probe variant {variant!r}: choose from {', '.join(RECIPES)}")
@@ -147,7 +191,8 @@ def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: 
         channels, grid = backbone.channels[layer], spec_grid(layer, backbone.reductions[layer])
         heads[layer] = nn.Sequential(
             stage_pool(layer, backbone.reductions[layer], image_size),
-            nn.BatchNorm2d(channels, affine=False, momentum=0.1),
+            (GlobalBatchNorm2d(channels, ranks) if ranks is not None and ranks.world_size > 1
+             else nn.BatchNorm2d(channels, affine=False, momentum=0.1)),
             nn.Flatten(),
             linear_layer(channels * grid * grid, num_classes),
         )
@@ -156,6 +201,17 @@ def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: 
 
 def head_dims(heads: nn.ModuleDict) -> dict[str, int]:
     return {layer: head[-1].in_features for layer, head in heads.items()}
+
+
+class HeadsForward(nn.Module):
+    """The heads as one module with one forward (backbone maps -> logits per head): what DDP wraps."""
+
+    def __init__(self, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {layer: head(features[layer]) for layer, head in self.heads.items()}
 
 
 class Lighting:
@@ -234,6 +290,43 @@ class EpochOrder(Sampler):
         return ((self.epoch, index) for index in order[self.start :])
 
 
+def global_batch_rows(num_samples: int, batch_size: int, iteration: int) -> int:
+    """Images in batch `iteration` of an epoch (the last one may be short; none is dropped)."""
+    return min(batch_size, num_samples - iteration * batch_size)
+
+
+class RankBatches(Sampler):
+    """This rank's part of every batch of the epoch's (seed, epoch) order, from batch `start` on.
+
+    Batch b holds the same L keys at any number of ranks N; rank r takes keys [L*r//N, L*(r+1)//N), so the
+    ranks together see exactly the one-process batch (N=1: the whole batch).
+    """
+
+    def __init__(self, order: EpochOrder, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.order, self.batch_size, self.rank, self.world_size, self.start = order, batch_size, rank, world_size, start
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size) - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keys = list(self.order)
+        for first in range(self.start * self.batch_size, len(keys), self.batch_size):
+            batch = keys[first : first + self.batch_size]
+            rows = len(batch)
+            yield batch[rows * self.rank // self.world_size : rows * (self.rank + 1) // self.world_size]
+
+
+def check_ranks(cfg: LinearConfig, num_samples: int, world_size: int) -> None:
+    """The total batch is the reference's at any number of ranks, so it must split evenly over them."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {world_size} ranks: the batch is the "
+                          f"total over all ranks, so give a multiple of {world_size} or another --nproc_per_node")
+    last = num_samples % cfg.batch_size
+    if 0 < last < world_size:
+        raise ConfigError(f"the last batch of each epoch ({last} of {num_samples} images) cannot give each of the "
+                          f"{world_size} ranks an image: use another batch_size or number of ranks")
+
+
 @dataclass
 class TrainingState:
     """Where training stands; with the heads and optimizer it is all a resumed run needs."""
@@ -260,25 +353,37 @@ def frozen(backbone: nn.Module) -> Iterator[nn.Module]:
         backbone.train(was_training)
 
 
-def train_step(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
-               images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """One shared backbone forward, one CE loss per head, their sum back-propagated (§2.1)."""
+def train_step(backbone: nn.Module, heads: nn.Module, optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> dict[str, float]:
+    """One shared backbone forward, one CE loss per head, their sum back-propagated (§2.1); the mean CE per head.
+
+    `heads` maps the backbone's maps to logits per head (`HeadsForward`, DDP-wrapped under torchrun). `weight`
+    (this rank's images x ranks / images in the global batch) makes DDP's mean of the ranks' gradients the
+    gradient of the global batch's mean loss, also when the last batch splits unevenly; 1 in one process.
+    """
     with torch.no_grad():
         features = backbone(images)
-    losses = {layer: F.cross_entropy(head(features[layer]), labels) for layer, head in heads.items()}
+    losses = {layer: F.cross_entropy(logits, labels) for layer, logits in heads(features).items()}
     optimizer.zero_grad(set_to_none=True)
-    torch.stack(list(losses.values())).sum().backward()
+    (torch.stack(list(losses.values())).sum() * weight).backward()
     optimizer.step()
     return {layer: float(loss.detach()) for layer, loss in losses.items()}
 
 
 @torch.no_grad()
 def evaluate(backbone: nn.Module, heads: nn.ModuleDict, split: ClassificationSplit, cfg: LinearConfig,
-             num_classes: int, progress: bool = True) -> dict[str, float]:
-    """Top-1/top-5 (x100) of every head on the centre-cropped split."""
+             num_classes: int, progress: bool = True, ranks: Distributed | None = None) -> dict[str, float]:
+    """Top-1/top-5 (x100) of every head on the centre-cropped split.
+
+    Under torchrun (`ranks`) the one-process batches are dealt out in turn and the hit counts summed.
+    """
     heads.eval()
     device = torch.device(cfg.device)
-    loader = DataLoader(LabeledImages(split.samples, eval_transform(cfg.image_size)), batch_size=cfg.batch_size,
+    rank, world = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+    mine = [row for first, stop in batch_spans(0, len(split), cfg.batch_size)[rank::world]
+            for row in range(first, stop)]
+    images_of = LabeledImages(split.samples, eval_transform(cfg.image_size))
+    loader = DataLoader(Subset(images_of, mine) if world > 1 else images_of, batch_size=cfg.batch_size,
                         shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     top1 = dict.fromkeys(heads, 0)
     top5 = dict.fromkeys(heads, 0)
@@ -290,6 +395,10 @@ def evaluate(backbone: nn.Module, heads: nn.ModuleDict, split: ClassificationSpl
             hits = best == labels[:, None]
             top1[layer] += int(hits[:, 0].sum())
             top5[layer] += int(hits.any(dim=1).sum())
+    if world > 1:
+        counts = ranks.all_sum(torch.tensor([*top1.values(), *top5.values()], dtype=torch.float64, device=device))
+        top1 = dict(zip(heads, map(int, counts[: len(heads)].tolist()), strict=True))
+        top5 = dict(zip(heads, map(int, counts[len(heads) :].tolist()), strict=True))
     metrics = {}
     for layer in heads:
         metrics[f"{layer}/top1"] = 100.0 * top1[layer] / len(split)
@@ -336,14 +445,27 @@ def load_state(path: Path, identity: dict[str, Any], heads: nn.ModuleDict,
     return state
 
 
-def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+def _sum_over_ranks(ranks: Distributed, loss_sums: dict[str, float], stop: bool, save: bool,
+                    device: torch.device) -> tuple[dict[str, float], bool, bool]:
+    """The batch's loss sums over every rank, whether any rank was asked to stop, and whether rank 0 saves now:
+    the ranks take the same decisions at the same iteration (a no-op in one process)."""
+    values = ranks.all_sum(torch.tensor([*loss_sums.values(), float(stop), float(save)], dtype=torch.float64,
+                                        device=device)).tolist()
+    return dict(zip(loss_sums, values[:-2], strict=True)), values[-2] > 0, values[-1] > 0
+
+
+def train_epoch(backbone: nn.Module, heads: nn.Module, optimizer: torch.optim.Optimizer,
                 data: SeededImages, state: TrainingState, cfg: LinearConfig, checkpoint: Any,
-                stop: StopRequest, progress: bool = True) -> bool:
-    """Train from `state.iteration` to the end of `state.epoch`; False when a stop was requested."""
+                stop: StopRequest, progress: bool = True, ranks: Distributed | None = None) -> bool:
+    """Train from `state.iteration` to the end of `state.epoch`; False when a stop was requested.
+
+    `heads` is the `HeadsForward` (DDP-wrapped under torchrun, where each rank takes its part of every batch).
+    """
+    ranks = ranks or Distributed(cfg.device)
     device = torch.device(cfg.device)
-    order = EpochOrder(len(data), cfg.seed, state.epoch, start=state.iteration * cfg.batch_size)
-    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda",
+    batches = RankBatches(EpochOrder(len(data), cfg.seed, state.epoch), cfg.batch_size, ranks.rank, ranks.world_size,
+                          start=state.iteration)
+    loader = DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(derived_seed(cfg.seed, state.epoch)))
     heads.train()
     last_save = time.monotonic()
@@ -351,17 +473,22 @@ def train_epoch(backbone: nn.Module, heads: nn.ModuleDict, optimizer: torch.opti
                desc=f"linear epoch {state.epoch + 1}/{cfg.probe_epochs}", disable=not progress, dynamic_ncols=True)
     try:
         for images, labels in loader:
-            losses = train_step(backbone, heads, optimizer, images.to(device, non_blocking=True), labels.to(device))
-            for layer, loss in losses.items():
-                state.loss_sums[layer] = state.loss_sums.get(layer, 0.0) + loss * len(labels)
-            state.seen += len(labels)
+            rows = global_batch_rows(len(data), cfg.batch_size, state.iteration)
+            losses = train_step(backbone, heads, optimizer, images.to(device, non_blocking=True), labels.to(device),
+                                weight=len(labels) * ranks.world_size / rows)
+            save_due = ranks.is_main and time.monotonic() - last_save > cfg.checkpoint_seconds
+            sums, stopping, saving = _sum_over_ranks(
+                ranks, {layer: loss * len(labels) for layer, loss in losses.items()}, stop.requested, save_due, device)
+            for layer, total in sums.items():
+                state.loss_sums[layer] = state.loss_sums.get(layer, 0.0) + total
+            state.seen += rows
             state.iteration += 1
             bar.update()
-            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-            if stop.requested:
+            bar.set_postfix(loss=f"{sum(sums.values()) / len(sums) / rows:.3f}")
+            if stopping:
                 checkpoint()
                 return False
-            if time.monotonic() - last_save > cfg.checkpoint_seconds:
+            if saving:
                 checkpoint()
                 last_save = time.monotonic()
     finally:
@@ -375,6 +502,10 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
 
     With `work_dir`, the run resumes from `<work_dir>/linear_state.pt` when one with the same config exists,
     and an interrupted run (SIGINT/SIGTERM) saves its state there first.
+
+    Under torchrun the heads train with DDP: `batch_size` stays the total over the ranks (each takes its part of
+    the same (seed, epoch) batches), the LR is unchanged and the heads' BN sees the global batch (the reference's
+    SyncBN); rank 0 alone writes the state, and a run resumes at any number of ranks.
     """
     backbone = subject.backbone
     cfg, derivation = resolve_config(cfg, data)
@@ -382,10 +513,12 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
     test = load_split(data, cfg.test_split)
     check_same_classes(train, test)
     num_classes = len(train.classes)
+    ranks = Distributed(cfg.device)
+    check_ranks(cfg, len(train), ranks.world_size)
     identity = run_identity(cfg, subject.cache_id, train, num_classes)
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    heads = build_heads(backbone, cfg.variant, num_classes, cfg.image_size, cfg.layers).to(device)
+    heads = build_heads(backbone, cfg.variant, num_classes, cfg.image_size, cfg.layers, ranks).to(device)
     optimizer = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
@@ -399,8 +532,13 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
 
     def checkpoint_now() -> None:
         if state_path is not None:
-            save_state(state_path, identity, heads, optimizer, state)
+            if ranks.is_main:
+                save_state(state_path, identity, heads, optimizer, state)
+            ranks.barrier()  # no rank exits (on a stop) before the state is on disk
 
+    net: nn.Module = HeadsForward(heads)
+    if ranks.world_size > 1:
+        net = DistributedDataParallel(net, device_ids=[ranks.device.index] if device.type == "cuda" else None)
     train_data = SeededImages(train.samples, train_transform(cfg.variant, cfg.image_size), cfg.seed)
     start = time.perf_counter()
     with frozen(backbone.to(device)):
@@ -409,8 +547,8 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with StopRequest() as stop:  # evaluations keep the default handlers: Ctrl-C stops them at once
-                finished = train_epoch(backbone, heads, optimizer, train_data, state, cfg, checkpoint_now, stop,
-                                       progress)
+                finished = train_epoch(backbone, net, optimizer, train_data, state, cfg, checkpoint_now, stop,
+                                       progress, ranks)
             if not finished:
                 saved = f"; state saved to {state_path}" if state_path else ""
                 raise Interrupted(f"linear probe stopped by signal {stop.signal} at epoch {state.epoch} "
@@ -419,11 +557,11 @@ def run(subject, data: str | os.PathLike, cfg: LinearConfig, *, work_dir: str | 
                                   "loss": {layer: s / state.seen for layer, s in state.loss_sums.items()}})
             state.epoch, state.iteration, state.loss_sums, state.seen = state.epoch + 1, 0, {}, 0
             if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.epoch < cfg.probe_epochs:
-                state.evaluations[state.epoch] = evaluate(backbone, heads, test, cfg, num_classes, progress)
+                state.evaluations[state.epoch] = evaluate(backbone, heads, test, cfg, num_classes, progress, ranks)
             checkpoint_now()
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = evaluate(backbone, heads, test, cfg, num_classes, progress)
+        metrics = evaluate(backbone, heads, test, cfg, num_classes, progress, ranks)
         eval_seconds = time.perf_counter() - start
     best = max(heads, key=lambda layer: metrics[f"{layer}/top1"])
     metrics["best/top1"] = metrics[f"{best}/top1"]

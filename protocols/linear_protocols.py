@@ -87,7 +87,8 @@ _LINEAR_HELP = ("The backbone stays frozen in eval mode. Data: an ImageNet-style
                 "--probe-epochs scales the LR steps; the resolved schedule is recorded. With --work-dir the run is "
                 "resumable (nothing lost on Ctrl-C).")
 _COMMON = dict(config=LinearConfig, body=Lazy("protocols.linear:run"), measurements=measurements,
-               default_data=synthetic_voc, metrics=("top1", "top5"), resumable=True)
+               default_data=synthetic_voc, metrics=("top1", "top5"), resumable=True,
+               torchrun=True)
 LINEAR_IN1K = Protocol(
     name="linear_in1k", summary="ImageNet linear probe on GAP res5, the MoCo recipe (spec §2.3)",
     description="GAP res5 -> Linear, SGD lr 30, wd 0, steps 60/80 of 100 epochs, batch 256, crop+flip. " + _LINEAR_HELP,

@@ -99,15 +99,17 @@ class Protocol:
     needs: str = ""  # an optional stack ("mmdet", "mmseg") checked before the run
     subject: str = "backbone"  # "backbone": a checkpoint to load; "none": the protocol needs no weights
     resumable: bool = False  # trains something: its state lives in `work_dir`, and the same call resumes it
+    torchrun: bool = False  # shares its work over the ranks of a torchrun job (else it refuses to run under one)
     aliases: tuple[str, ...] = ()  # extra CLI names
     derived: Callable[[list[Any]], list[Any]] | None = None  # cross-run quantities, e.g. frozen minus fine-tuned
 
     def run(self, subject: Any, data: Any = None, cfg: Any = None, *, work_dir: str | Path | None = None,
-            progress: bool = True) -> ProtocolResult:
+            progress: bool = True) -> ProtocolResult | None:
         """Run the protocol on `subject` (a `protocols.common.BackboneUnderTest`; None where `subject="none"`).
 
         `data=None` takes the protocol's synthetic default, and `cfg=None` its config for that data. The
         result records what the verdicts need: the pretraining metadata of the subject and the run's scale.
+        Under torchrun a rank other than 0 may get None: its share is done and rank 0 finishes alone (the SVMs).
         """
         from protocols.common import run_scale
 
@@ -125,6 +127,8 @@ class Protocol:
 
             require_mm_stack(self.needs)
         result = self.body(subject, data, cfg, work_dir=work_dir, progress=progress)
+        if result is None:
+            return None
         if result.protocol != self.name:
             raise ProtocolError(f"{self.name}'s run returned a result named {result.protocol!r}")
         result.pretraining = {**(subject.pretraining if subject is not None else {}), **result.pretraining}

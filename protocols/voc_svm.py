@@ -975,12 +975,21 @@ def _feasible_low_shot(cfg: VOC07LowShotConfig, train_y: np.ndarray, root: Path)
     return low_shot
 
 
-def _run(name: str, subject, root, cfg: VOCFeatures, progress: bool) -> ProtocolResult:
-    """Features, then the full SVM (voc07_svm) or the low-shot SVMs (voc07_lowshot), per layer."""
+def _run(name: str, subject, root, cfg: VOCFeatures, progress: bool) -> ProtocolResult | None:
+    """Features, then the full SVM (voc07_svm) or the low-shot SVMs (voc07_lowshot), per layer.
+
+    Under torchrun the ranks share the feature extraction and rank 0 alone fits the SVMs (CPU work that
+    more processes would only slow down); the other ranks return None once the features are written.
+    """
+    from baselines.distributed import Distributed
+    from protocols.common import resolve_device
+
     started = time.perf_counter()
     root = Path(root)
     features, train_y, test_y, dataset = voc07_features(subject, root, cfg, progress)
     extracted = time.perf_counter()
+    if not Distributed(str(resolve_device(cfg.device))).is_main:
+        return None
     full = name == "voc07_svm"
     svm = cfg.svm() if full else None
     low_shot = None if full else _feasible_low_shot(cfg, train_y, root)
@@ -1009,12 +1018,13 @@ def _run(name: str, subject, root, cfg: VOCFeatures, progress: bool) -> Protocol
     )
 
 
-def run_svm(subject, data, cfg: VOC07SVMConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
+def run_svm(subject, data, cfg: VOC07SVMConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult | None:
     """The full VOC07 SVM protocol on `subject` (a protocols.common.BackboneUnderTest); work_dir is unused."""
     return _run("voc07_svm", subject, data, cfg, progress)
 
 
-def run_lowshot(subject, data, cfg: VOC07LowShotConfig, *, work_dir=None, progress: bool = True) -> ProtocolResult:
+def run_lowshot(subject, data, cfg: VOC07LowShotConfig, *, work_dir=None,
+                progress: bool = True) -> ProtocolResult | None:
     """The VOC07 low-shot SVM protocol on `subject`; work_dir is unused."""
     return _run("voc07_lowshot", subject, data, cfg, progress)
 
@@ -1046,11 +1056,11 @@ VOC07_SVM = Protocol(
     "one LinearSVC per (class, cost), cost chosen by 3-fold CV, test AP (all-point interpolated, difficult dropped), "
     "mAP x100 per layer and the best layer. Without --data: the synthetic VOC-layout dataset.",
     metrics=('mAP',), config=VOC07SVMConfig, body=run_svm, measurements=svm_measurements, default_data=synthetic_voc,
-    aliases=("voc-svm",))
+    aliases=("voc-svm",), torchrun=True)
 VOC07_LOWSHOT = Protocol(
     name="voc07_lowshot", summary="VOC07 low-shot SVM, k positives per class (spec §1.7)",
     description="VOC07 low-shot SVM: for each k, 5 samples of k positives and 19k negatives per class (seeded, or "
     "FAIR's sample files via --sample-dir), no CV; the cost is chosen on the test set as the reference does. Reports "
     "mean/min/max/std over samples. ks the data cannot supply are dropped with a warning.",
     metrics=('mAP',), config=VOC07LowShotConfig, body=run_lowshot, measurements=lowshot_measurements,
-    default_data=synthetic_voc, aliases=("voc-lowshot",))
+    default_data=synthetic_voc, aliases=("voc-lowshot",), torchrun=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 from baselines import config as configs
@@ -132,10 +133,35 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
         print(f"  {name:{width}s} {value:9.3f}" if value is not None else f"  {name:{width}s}       n/a")
 
 
+def _torchrun_ranks(protocol, given: dict):
+    """The torchrun job this command is one rank of (a world of one without torchrun), on the rank's device.
+
+    Ranks other than 0 log warnings only, so each line shows once.
+    """
+    import logging
+
+    from baselines.distributed import Distributed, TorchrunError
+    from baselines.infra import LOGGER_ROOT
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not protocol.torchrun:  # before joining the process group
+        raise TorchrunError(f"{protocol.name} does not run under torchrun yet; run it as one process")
+    device_field = any(f.name == "device" for f in dataclasses.fields(protocol.config))
+    ranks = Distributed(given.get("device", "auto") if device_field else "cpu")
+    if not ranks.is_main:
+        logging.getLogger(LOGGER_ROOT).setLevel(logging.WARNING)
+    return ranks
+
+
+def _torchrun_command(world_size: int) -> list[str]:
+    """How this job was launched, for the stored command line: torchrun's ranks per node and nodes."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = ["--nnodes", str(world_size // per_node)] if per_node != world_size else []
+    return ["torchrun", *nodes, "--nproc_per_node", str(per_node), "-m", "replication"]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from protocols.common import backbone_under_test, resolve_device
+    """One protocol on one checkpoint; under torchrun every rank runs this and rank 0 alone stores the result."""
     from protocols.registry import get_protocol
-    from replication.results import ResultsStore
 
     protocol = get_protocol(args.protocol_name)
     if protocol.needs:
@@ -144,26 +170,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
         require_mm_stack(protocol.needs)  # before any data is generated or weights loaded
     given = {f.name: getattr(args, f.name) for f in protocol.flag_fields if hasattr(args, f.name)}
     if "device" in given:
+        from protocols.common import resolve_device
+
         resolve_device(given["device"])  # a device this machine lacks fails before any work
-    store = ResultsStore(args.results)  # checked writable before any work, so nothing computed is lost
+    ranks = _torchrun_ranks(protocol, given)
+    try:
+        return _evaluate(args, protocol, given, ranks)
+    finally:
+        ranks.close()
+
+
+def _evaluate(args: argparse.Namespace, protocol, given: dict, ranks) -> int:
+    from protocols.common import backbone_under_test, resolve_device
+    from replication.results import ResultsStore
+
+    # Checked writable before any work, so nothing computed is lost; only rank 0 writes there.
+    store = ResultsStore(args.results) if ranks.is_main else None
     data, overrides, synthetic = _data(args, protocol)
     cfg = protocol.make_config({**overrides, **given}, synthetic=synthetic)
+    if ranks.world_size > 1 and hasattr(cfg, "device"):
+        cfg = dataclasses.replace(cfg, device=str(ranks.device))  # each rank on its own GPU (cuda:LOCAL_RANK)
+    progress = args.progress and ranks.is_main
     subject = None
     if protocol.subject == "backbone":
         subject = backbone_under_test(args.checkpoint, args.arch, getattr(cfg, "seed", 0),
                                       resolve_device(getattr(cfg, "device", "auto")), method=args.method,
                                       pretrain_data=args.pretrain_data, epochs=args.pretrain_epochs,
                                       pretrain_seed=args.pretrain_seed)
+        ranks.check_same(subject.cache_id, "checkpoints (sha256)")
         LOG.info("checkpoint %s: %s, %s, pretraining %s", args.checkpoint, subject.info["format"],
                  subject.backbone.name, {k: v for k, v in subject.pretraining.items() if v is not None})
     work_dir = _work_dir(args, protocol, subject, cfg)
     if work_dir is not None:
         LOG.info("%s: resumable state in %s", protocol.name, work_dir)
+    if ranks.world_size > 1:
+        LOG.info("%s: %d torchrun ranks on %s; rank 0 writes the result", protocol.name, ranks.world_size,
+                 ranks.device.type)
     with _deviations_as_lines():
-        result = protocol.run(subject, data, cfg, work_dir=work_dir, progress=args.progress)
+        result = protocol.run(subject, data, cfg, work_dir=work_dir, progress=progress)
+    if not ranks.is_main:
+        return 0
     _print_metrics(f"{protocol.name} ({result.scale} scale; {result.dataset.get('name', '')}, "
                    f"{result.dataset.get('splits', '')})", result.metrics)
-    record = store.write_run("eval", result, seed=getattr(cfg, "seed", None), command=["densecl-bench", *args.argv])
+    command = [*(_torchrun_command(ranks.world_size) if ranks.world_size > 1 else ["densecl-bench"]), *args.argv]
+    record = store.write_run("eval", result, seed=getattr(cfg, "seed", None), command=command)
     print(f"result: {record.path / 'result.json'}\nrun id: {record.run_id}  (judge it: densecl-bench report --runs "
           f"{record.run_id})")
     return 0

@@ -38,13 +38,16 @@ LOCAL_POLL_S = 0.5
 SLURM_POLL_S = 30.0
 
 
+OnDone = Callable[[str, "str | None"], None]  # (job key, its run id when the launcher knows it)
+
+
 class LauncherError(UserError):
     """A launcher that cannot run here (submitit missing, a bad flag); one line."""
 
 
 @dataclass(frozen=True)
 class Failure:
-    """A job that did not finish: its key, the log to read, and the last line of that log."""
+    """A job that did not finish: its key, the log to read, and why (the log's last line, or submitit's)."""
 
     key: str
     log: Path
@@ -52,13 +55,13 @@ class Failure:
 
 
 class JobsFailed(UserError, RuntimeError):
-    """Some jobs failed; the others are stored, and a re-run of the same command retries only these."""
+    """Some jobs failed; the finished ones are stored, and a re-run of the same command runs only the rest."""
 
     def __init__(self, failures: Sequence[Failure], total: int) -> None:
         self.failures = list(failures)
         listed = "; ".join(f"{f.key} (log {f.log})" for f in self.failures)
-        super().__init__(f"{len(self.failures)} of {total} job(s) failed: {listed}; the others are stored, and "
-                         "running the same command again retries only the failed ones")
+        super().__init__(f"{len(self.failures)} of {total} job(s) failed: {listed}; finished jobs are stored, and "
+                         "running the same command again runs only the failed ones and those waiting on them")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class BatchJobs:
     """What a launcher needs to know about a batch: where its runs folder is and how to run a job in-process."""
 
     runs: Path  # holds pipeline_state.json; the jobs folder is inside it
-    run_here: Callable[[str], None]  # runs one job in this process (the in-process launcher's way)
+    run_here: Callable[[str], str | None]  # runs one job in this process; a protocol job returns its run id
     threads: int  # torch (OpenMP) threads of every job: a batch setting, since CPU numbers depend on it
 
     @property
@@ -99,7 +102,7 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def torch_threads() -> int:
+def machine_threads() -> int:
     """This machine's default: what torch uses here (its cores, or $OMP_NUM_THREADS)."""
     import torch
 
@@ -114,8 +117,8 @@ class Launcher(Protocol):
         ...
 
     def run(self, stage: str, keys: Sequence[str], batch: BatchJobs,
-            on_done: Callable[[str], None]) -> list[Failure]:
-        """Run `keys`; call `on_done(key)` in this thread as each finishes well; return the ones that failed."""
+            on_done: OnDone) -> list[Failure]:
+        """Run `keys`; call `on_done` in this thread as each finishes well; return the ones that failed."""
         ...
 
 
@@ -125,13 +128,12 @@ class InProcess:
     description = "in this process"
 
     def default_threads(self) -> int:
-        return torch_threads()
+        return machine_threads()
 
     def run(self, stage: str, keys: Sequence[str], batch: BatchJobs,
-            on_done: Callable[[str], None]) -> list[Failure]:
+            on_done: OnDone) -> list[Failure]:
         for key in keys:
-            batch.run_here(key)
-            on_done(key)
+            on_done(key, batch.run_here(key))
         return []
 
 
@@ -164,7 +166,7 @@ class LocalProcesses:
             self.description += f" on {gpus_per_job} GPU(s) each"
 
     def default_threads(self) -> int:
-        return torch_threads()
+        return machine_threads()
 
     def gpu_slots(self) -> list[dict[str, str]]:
         """Per slot (one running job each), the GPUs it sees: G of its own with --gpus-per-job G, else one per
@@ -179,7 +181,7 @@ class LocalProcesses:
         return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[slot * per:(slot + 1) * per])} for slot in range(self.jobs)]
 
     def run(self, stage: str, keys: Sequence[str], batch: BatchJobs,
-            on_done: Callable[[str], None]) -> list[Failure]:
+            on_done: OnDone) -> list[Failure]:
         if not keys:
             return []
         env = {**os.environ, "OMP_NUM_THREADS": str(batch.threads)}
@@ -201,7 +203,7 @@ class LocalProcesses:
                     log = batch.log_path(key)
                     if process.returncode == 0:
                         LOG.info("%s: done in %.0f s", key, time.monotonic() - started)
-                        on_done(key)
+                        on_done(key, None)
                     else:
                         failures.append(Failure(key, log, last_line(log) or f"exit code {process.returncode}"))
                         LOG.error("%s: failed (exit code %d): %s; log %s", key, process.returncode,
@@ -288,7 +290,7 @@ class Slurm:
         return dict(zip(keys, jobs, strict=True))
 
     def run(self, stage: str, keys: Sequence[str], batch: BatchJobs,
-            on_done: Callable[[str], None]) -> list[Failure]:
+            on_done: OnDone) -> list[Failure]:
         pending, failures = self.submit(stage, keys, batch), []
         try:
             while pending:
@@ -299,7 +301,7 @@ class Slurm:
                     error = job.exception()
                     if error is None:
                         LOG.info("%s: done (%s)", key, job.job_id)
-                        on_done(key)
+                        on_done(key, None)
                         continue
                     log = Path(job.paths.stderr)
                     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

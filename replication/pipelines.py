@@ -194,7 +194,8 @@ class PipelineState:
 
 @contextlib.contextmanager
 def coordinator_lock(runs: Path) -> Iterator[None]:
-    """One coordinating process per runs folder: a second one would write the same state and run the same jobs."""
+    """One coordinating process per runs folder: a second one would write the same state and run the same jobs.
+    (A filesystem without locks only loses this guard.)"""
     runs.mkdir(parents=True, exist_ok=True)
     fd = os.open(runs / ".pipeline.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -202,6 +203,8 @@ def coordinator_lock(runs: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PipelineError(f"another pipeline is running on {runs}; wait for it, or use another --runs") from None
+        except OSError as err:
+            logging.getLogger("densecl_bench.pipeline").debug("no lock on %s (%s)", runs, err)
         yield
     finally:
         os.close(fd)
@@ -311,8 +314,8 @@ class Step:
     data: Any  # root(s), or None for the protocol's synthetic default
     settings: dict[str, Any]
     work_dir: Path | None = None
-    # Holds the checkpoint's lock while it runs: the SVM protocols of one checkpoint fill the same feature cache
-    # entry, whose writer is not safe for two concurrent writers (protocols/features.py), so they take turns.
+    # Never runs beside the checkpoint's other exclusive steps: the SVM protocols of one checkpoint fill the same
+    # feature cache entry, whose writer is not safe for two concurrent writers (protocols/features.py).
     exclusive: bool = False
 
 
@@ -349,8 +352,7 @@ def run_step(job: Job, step: Step, cfg, batch: str, store, pipeline: str, runs: 
         data, overrides = default.data, dict(default.overrides)
     run_cfg = protocol.make_config({**overrides, **step.settings}, synthetic=is_synthetic(data))
     _log(f"{key}: {protocol.name} on {data} ({torch.get_num_threads()} thread(s))", pipeline)
-    lock = Path(cfg.runs) / "jobs" / "locks" / f"{job.name}.lock" if step.exclusive else None
-    with warnings.catch_warnings(), file_lock(lock):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
         result = protocol.run(subject, data, run_cfg, work_dir=step.work_dir, progress=cfg.progress)
     result.config["replication"] = {"batch": batch, "pipeline": pipeline, "job": job.name, "step": step.name,
@@ -363,21 +365,6 @@ def run_step(job: Job, step: Step, cfg, batch: str, store, pipeline: str, runs: 
                          if k in ("AP", "bbox_AP", "mIoU", "best/mAP") and v is not None)
     _log(f"{key}: {headline + '; ' if headline else ''}stored {record.path}", pipeline)
     return record.run_id
-
-
-@contextlib.contextmanager
-def file_lock(path: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (flock: released by the kernel if the holder dies); None: no lock."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def stored_steps(store, pipeline: str, batch: str) -> dict[str, str]:
@@ -548,7 +535,7 @@ PIPELINES: dict[str, PipelineSpec] = {
 
 def protocol_steps(spec: PipelineSpec, cfg) -> dict[str, tuple[Job, Step]]:
     """`<job>/<step>` -> (job, step), step by step across the checkpoints: jobs running side by side then
-    mostly evaluate different checkpoints (and rarely wait for a checkpoint's lock)."""
+    evaluate different checkpoints."""
     per_job = [(job, spec.steps(job, cfg)) for job in checkpoint_jobs(cfg)]
     table: dict[str, tuple[Job, Step]] = {}
     for index in range(max((len(steps) for _, steps in per_job), default=0)):
@@ -558,9 +545,24 @@ def protocol_steps(spec: PipelineSpec, cfg) -> dict[str, tuple[Job, Step]]:
     return table
 
 
-def run_job(spec: PipelineSpec, cfg, batch: str, store, key: str) -> None:
+def waves(steps: dict[str, tuple[Job, Step]]) -> list[list[str]]:
+    """The protocol jobs in waves that run one after the other, each holding at most one exclusive step per
+    checkpoint: replicate-voc's SVM steps in two waves (the dense probe in the first), replicate-dense's in one."""
+    placed: dict[str, int] = {}
+    grouped: list[list[str]] = []
+    for key, (job, step) in steps.items():
+        index = placed.get(job.name, 0) if step.exclusive else 0
+        if step.exclusive:
+            placed[job.name] = index + 1
+        grouped += [[] for _ in range(index + 1 - len(grouped))]
+        grouped[index].append(key)
+    return grouped
+
+
+def run_job(spec: PipelineSpec, cfg, batch: str, store, key: str) -> str | None:
     """Run one job of a batch here: `pretrain/<job>` trains (or resumes) a checkpoint, `<job>/<step>` runs and
-    stores one protocol step. What the in-process launcher and `densecl-bench replicate job` both call."""
+    stores one protocol step (returns its run id). What the in-process launcher and `densecl-bench replicate
+    job` both call."""
     if key.startswith("pretrain/"):
         jobs = {f"pretrain/{job.name}": job for job in pretrain_jobs(cfg)}
         if key not in jobs:
@@ -569,12 +571,12 @@ def run_job(spec: PipelineSpec, cfg, batch: str, store, key: str) -> None:
         _log(f"{key}: {cfg.preset} in {job_folder(runs, cfg.preset, jobs[key])} (resumed or reused when it has "
              "checkpoints)", spec.name)
         pretrain_checkpoint(jobs[key], cfg, runs)
-        return
+        return None
     steps = protocol_steps(spec, cfg)
     if key not in steps:
         raise PipelineError(f"batch {batch} has no job {key}; its protocol jobs look like {next(iter(steps), '-')}")
     job, step = steps[key]
-    run_step(job, step, cfg, batch, store, spec.name, spec.pretrain_runs(cfg))
+    return run_step(job, step, cfg, batch, store, spec.name, spec.pretrain_runs(cfg))
 
 
 def config_from(spec: PipelineSpec, values: dict[str, Any]):
@@ -635,7 +637,7 @@ def run_batch(spec: PipelineSpec, cfg, launcher=None) -> dict[str, Any]:
     state or the store) are skipped; failed ones are reported with their logs, and the report waits for them.
 
     This process is the one writer of the state: it marks each job as the launcher says it finished."""
-    from replication.launchers import BatchJobs, Failure, InProcess, JobsFailed
+    from replication.launchers import BatchJobs, InProcess, JobsFailed
     from replication.report import select_runs, write_report
     from replication.results import ResultsStore
 
@@ -657,53 +659,66 @@ def run_batch(spec: PipelineSpec, cfg, launcher=None) -> dict[str, Any]:
         _log(f"batch {state.batch}: {cfg.scale} scale, {scope}; jobs run {launcher.description}, {cfg.threads} "
              "thread(s) each", spec.name)
         batch = BatchJobs(runs.resolve(), lambda key: run_job(spec, cfg, state.batch, store, key), cfg.threads)
-
-        pretraining = {f"pretrain/{job.name}": job for job in pretrain_jobs(cfg)}
-        for key, job in pretraining.items():
-            if state.pretrained(job):
-                _log(f"{key}: finished ({state.pretrained(job)})", spec.name)
-        todo = [key for key, job in pretraining.items() if not state.pretrained(job)]
-        if todo:
-            pretrain_images(cfg)  # the shared data, made once here rather than by the jobs at the same time
-
-        def pretrained(key: str) -> None:
-            job = pretraining[key]
-            backbone, recipe = trained_checkpoint(job, cfg, spec.pretrain_runs(cfg))
-            state.mark_pretrained(job, backbone)
-            learning = recipe["learning"]
-            if not learning.get("learned", True):
-                _log(f"warning: {job.name} did not learn: global loss {learning['last_loss_global']:.3f} against "
-                     f"chance {learning['chance_loss']:.3f}", spec.name)
-
-        failures = launcher.run("pretrain", todo, batch, pretrained)
+        failures = pretraining_stage(spec, cfg, state, launcher, batch)
         waiting = {f.key.removeprefix("pretrain/") for f in failures}
-
-        steps = protocol_steps(spec, cfg)  # also makes the evaluation data, here, before the jobs start
-        for key, run_id in stored_steps(store, spec.name, state.batch).items():
-            if key in steps and not state.done(key):  # stored by a job whose coordinator stopped before marking it
-                state.state["done"][key] = run_id
-        state.save()
-        for key in steps:
-            if state.done(key):
-                _log(f"{key}: already stored as {state.done(key)}", spec.name)
-        todo = [key for key, (job, _) in steps.items() if not state.done(key) and job.name not in waiting]
-
-        def stored(key: str) -> None:
-            run_id = stored_steps(store, spec.name, state.batch).get(key)
-            if run_id is not None:
-                state.mark(key, run_id)
-
-        failures += launcher.run("protocol", todo, batch, stored)
-        failed = {f.key for f in failures}
-        failures += [Failure(key, batch.log_path(key), "it finished without storing a result")
-                     for key in todo if not state.done(key) and key not in failed]
+        failures += protocol_stage(spec, cfg, state, store, launcher, batch, waiting)
         if failures:
-            blocked = sum(1 for key, (job, _) in steps.items() if job.name in waiting and not state.done(key))
-            if blocked:
-                _log(f"{blocked} protocol job(s) wait for the failed pretraining", spec.name)
-            raise JobsFailed(failures, len(pretraining) + len(steps))
+            raise JobsFailed(failures, len(pretrain_jobs(cfg)) + len(protocol_steps(spec, cfg)))
         report = write_report(store, select_runs(store, spec.name, state.batch))
         state.state["report"] = str(report)
         state.save()
         _log(f"done in {time.perf_counter() - started:.0f} s", spec.name)
         return {"batch": state.batch, "report": report, "runs": dict(state.state["done"])}
+
+
+def pretraining_stage(spec: PipelineSpec, cfg, state: PipelineState, launcher, batch) -> list:
+    """Every pretraining the batch has not finished; each is marked (and its learning checked) as it ends."""
+    pretraining = {f"pretrain/{job.name}": job for job in pretrain_jobs(cfg)}
+    for key, job in pretraining.items():
+        if state.pretrained(job):
+            _log(f"{key}: finished ({state.pretrained(job)})", spec.name)
+    todo = [key for key, job in pretraining.items() if not state.pretrained(job)]
+    if todo:
+        pretrain_images(cfg)  # the shared data, made once here rather than by the jobs at the same time
+
+    def finished(key: str, _: str | None) -> None:
+        job = pretraining[key]
+        backbone, recipe = trained_checkpoint(job, cfg, spec.pretrain_runs(cfg))
+        state.mark_pretrained(job, backbone)
+        learning = recipe["learning"]
+        if not learning.get("learned", True):
+            _log(f"warning: {job.name} did not learn: global loss {learning['last_loss_global']:.3f} against "
+                 f"chance {learning['chance_loss']:.3f}", spec.name)
+
+    return launcher.run("pretrain", todo, batch, finished)
+
+
+def protocol_stage(spec: PipelineSpec, cfg, state: PipelineState, store, launcher, batch, waiting: set[str]) -> list:
+    """Every protocol step not stored yet, but those of checkpoints whose pretraining failed (`waiting`)."""
+    from replication.launchers import Failure
+
+    steps = protocol_steps(spec, cfg)  # also makes the evaluation data, here, before the jobs start
+    for key, run_id in stored_steps(store, spec.name, state.batch).items():
+        if key in steps and not state.done(key):  # stored by a job whose coordinator stopped before marking it
+            state.state["done"][key] = run_id
+    state.save()
+    for key in steps:
+        if state.done(key):
+            _log(f"{key}: already stored as {state.done(key)}", spec.name)
+    todo = [key for key, (job, _) in steps.items() if not state.done(key) and job.name not in waiting]
+
+    def finished(key: str, run_id: str | None) -> None:
+        run_id = run_id or stored_steps(store, spec.name, state.batch).get(key)  # a job process: find it
+        if run_id is not None:
+            state.mark(key, run_id)
+
+    failures = []
+    for index, wave in enumerate(waves({key: steps[key] for key in todo})):
+        failures += launcher.run(f"protocol-{index + 1}", wave, batch, finished)
+    failed = {f.key for f in failures}
+    failures += [Failure(key, batch.log_path(key), "it finished without storing a result")
+                 for key in todo if not state.done(key) and key not in failed]
+    blocked = sum(1 for key, (job, _) in steps.items() if job.name in waiting and not state.done(key))
+    if blocked:
+        _log(f"{blocked} protocol job(s) wait for the failed pretraining", spec.name)
+    return failures

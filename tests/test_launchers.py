@@ -146,7 +146,7 @@ def test_failed_jobs_are_reported_with_their_log_and_only_they_run_again(launche
         replicate_voc(cfg, launcher())
     assert sorted(f.key for f in failed.value.failures) == ["mocov2-seed0/voc07_lowshot", "mocov2-seed0/voc07_svm"]
     message = str(failed.value)
-    assert "\n" not in message and message.startswith("2 of 4 job(s) failed") and "retries only the failed" in message
+    assert "\n" not in message and message.startswith("2 of 4 job(s) failed") and "runs only the failed" in message
     for failure in failed.value.failures:
         assert f"{failure.key} (log {failure.log})" in message
         assert str(checkpoints["mocov2"]) in failure.log.read_text()  # the log says what was wrong with it
@@ -214,6 +214,25 @@ def test_local_jobs_get_their_own_gpus(monkeypatch):
         LocalProcesses(3, gpus_per_job=2).gpu_slots()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert LocalProcesses(2).gpu_slots() == [{}, {}]  # no GPUs: the jobs run on the CPU as they would anyway
+
+
+def test_the_svm_steps_of_a_checkpoint_never_run_at_the_same_time():
+    """They fill the same feature cache entry; the dense probe and other checkpoints run beside them."""
+    from replication.pipelines import PIPELINES, protocol_steps, waves
+
+    cfg = ReplicateVOCConfig(voc_root=".", seeds=(0, 1), random_baseline=False)
+    grouped = waves(protocol_steps(PIPELINES["replicate-voc"], cfg))
+    assert [sorted({key.split("/")[1] for key in wave}) for wave in grouped] == [
+        ["seg_voc_dense_probe", "voc07_svm"], ["voc07_lowshot"]]
+    assert all(len(wave) == 8 if "densecl-seed0/voc07_svm" in wave else len(wave) == 4 for wave in grouped)
+
+
+def test_a_second_coordinator_on_the_same_runs_is_refused(tmp_path):
+    from replication.pipelines import PipelineError, coordinator_lock
+
+    cfg = ReplicateVOCConfig(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), progress=False)
+    with coordinator_lock(tmp_path / "runs"), pytest.raises(PipelineError, match="another pipeline is running"):
+        replicate_voc(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

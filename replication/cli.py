@@ -108,9 +108,23 @@ def cmd_replicate_voc(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, runs=args.runs, results=args.results, progress=args.progress,
         samples=args.samples, svm_layers=args.svm_layers, preset=args.preset, pretrain_size=args.pretrain_size,
         require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline, dense_probe=args.dense_probe,
-        solver=args.solver,
+        solver=args.solver, threads=args.threads,
     )
-    _print_outcome("replicate-voc", replicate_voc(cfg), cfg.results)
+    _print_outcome("replicate-voc", replicate_voc(cfg, _launcher(args)), cfg.results)
+    return 0
+
+
+def _launcher(args: argparse.Namespace):
+    from replication.launchers import make_launcher
+
+    return make_launcher(args.launcher, jobs=args.jobs, partition=args.partition, gpus_per_job=args.gpus_per_job,
+                         cpus_per_job=args.cpus_per_job, time_min=args.time, array_parallelism=args.array_parallelism)
+
+
+def cmd_replicate_job(args: argparse.Namespace) -> int:
+    from replication.pipelines import run_recorded_job
+
+    run_recorded_job(args.runs, args.key)
     return 0
 
 
@@ -136,8 +150,8 @@ def cmd_replicate_dense(args: argparse.Namespace) -> int:
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
         workers=args.workers, device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs,
         results=args.results, progress=args.progress, preset=args.preset, pretrain_size=args.pretrain_size,
-        require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline)
-    _print_outcome("replicate-dense", replicate_dense(cfg), cfg.results)
+        require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline, threads=args.threads)
+    _print_outcome("replicate-dense", replicate_dense(cfg, _launcher(args)), cfg.results)
     return 0
 
 
@@ -212,6 +226,38 @@ def _small_scale_arguments(parser: argparse.ArgumentParser, random_baseline: boo
                             help="also evaluate a random-init backbone per seed (a third more time)")
 
 
+def _launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    from replication.launchers import JOBS_DIR, LAUNCHERS, SLURM_DEFAULTS
+
+    group = parser.add_argument_group(
+        "jobs", f"The batch runs as jobs (a pretraining per method and seed, then a protocol run per checkpoint and "
+        f"step, then the report); each job's log is in RUNS/{JOBS_DIR}/. Finished jobs are skipped on a re-run, "
+        "failed ones are retried.")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local: this machine (default); slurm: a job array per stage through submitit, each job "
+                       "under torchrun on its GPUs (pip install 'densecl-bench[slurm]'; RUNS must be on the "
+                       "cluster's shared filesystem)")
+    group.add_argument("--jobs", type=int, metavar="K",
+                       help="local: run K jobs at once as separate processes (default: 1, in this process)")
+    group.add_argument("--threads", type=int, metavar="T",
+                       help="torch threads of every job (default: this machine's, whatever --jobs; on Slurm "
+                       "--cpus-per-job / --gpus-per-job). CPU numbers depend on it, so it is one of the batch's "
+                       "settings: any --jobs with the same --threads gives the same numbers")
+    group.add_argument("--partition", help="slurm: the partition (default: the cluster's)")
+    group.add_argument("--gpus-per-job", type=int, metavar="G",
+                       help="GPUs per job, torchrun with G processes when G > 1 (slurm default: "
+                       f"{SLURM_DEFAULTS['gpus_per_job']}; local: G of this machine's GPUs for each of the --jobs, "
+                       "default one each, shared when the jobs outnumber them)")
+    group.add_argument("--cpus-per-job", type=int, metavar="C",
+                       help=f"slurm: CPUs per job (default: {SLURM_DEFAULTS['cpus_per_job']})")
+    group.add_argument("--time", type=int, metavar="MINUTES",
+                       help=f"slurm: time limit per job in minutes (default: {SLURM_DEFAULTS['time']}); a pretraining "
+                       "cut short resumes from its last checkpoint on the re-run")
+    group.add_argument("--array-parallelism", type=int, metavar="N",
+                       help="slurm: at most N jobs of an array at once "
+                       f"(default: {SLURM_DEFAULTS['array_parallelism']})")
+
+
 def _add_pretrain(commands, summary: str) -> None:
     from baselines.pretrain_config import PretrainConfig
 
@@ -284,6 +330,7 @@ def _add_replicate(commands, summary: str) -> None:
                      help="skip the frozen per-location probe (a declared small-scale proxy)")
     voc.add_argument("--solver", choices=("liblinear", "batched"), default=DEFAULT_SOLVER,
                      help=f"SVM solver of both SVM protocols (default: {DEFAULT_SOLVER})")
+    _launcher_arguments(voc)
     voc.set_defaults(func=cmd_replicate_voc)
 
     dense = replicate.add_parser(
@@ -316,7 +363,19 @@ def _add_replicate(commands, summary: str) -> None:
     dense.add_argument("--results", default="results", help="results store (default: results)")
     dense.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _small_scale_arguments(dense, random_baseline=False)
+    _launcher_arguments(dense)
     dense.set_defaults(func=cmd_replicate_dense)
+
+    job = replicate.add_parser(
+        "job", help="run one job of a started batch (what --jobs K and --launcher slurm run for each job)",
+        description="Run one job of the batch whose state is RUNS/pipeline_state.json, with that batch's settings, "
+        "in the folder the batch was started from; a protocol job already stored is skipped. Under torchrun it "
+        "runs on every rank and rank 0 stores the result: torchrun --standalone --nproc_per_node G -m replication "
+        "replicate job RUNS KEY.")
+    job.add_argument("runs", help="the batch's runs folder (--runs of replicate voc|dense)")
+    job.add_argument("key", help="pretrain/METHOD-seedN, or METHOD-seedN/STEP (e.g. densecl-seed0/voc07_svm; "
+                     "replicate-dense: densecl-seed0/voc-c4/finetune)")
+    job.set_defaults(func=cmd_replicate_job)
 
 
 def _add_report(commands, summary: str) -> None:

@@ -8,26 +8,32 @@ Two modes, chosen by what is given:
   method=PATH`), the full protocol, judged against the absolute numbers within their tolerances.
 
 A pipeline invocation is a *batch*: its state file (`<runs>/pipeline_state.json`) remembers the
-batch id and the runs already stored, so an interrupted pipeline resumes where it stopped
+batch id, its settings and the runs already stored, so an interrupted pipeline resumes where it stopped
 (pretraining resumes from its checkpoints, features come from the cache, finished evaluations are
-not redone).
+not redone). A batch is a set of independent jobs, one per pretraining (method, seed) and one per protocol
+run (checkpoint, step), run in stages by a launcher (`replication.launchers`: in this process, K local
+processes, or Slurm job arrays); the report is written once every job is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from baselines import config as configs
-from baselines.infra import atomic_write_json
+from baselines.infra import UserError, atomic_write_json
 from baselines.methods import METHODS as REGISTERED_METHODS
 from protocols import voc_svm
 from protocols.common import PRETRAIN_NAMES, RANDOM_INIT, backbone_under_test, default_voc_root
@@ -65,6 +71,7 @@ class ReplicateVOCConfig:
     dense_probe: bool = True  # the frozen per-location probe (a declared small-scale proxy), small scale only
     probe_input_size: int = 128  # the probe's square input side
     solver: str = "batched"  # SVM solver of both SVM protocols: exact, ~10x faster than liblinear (issue 11)
+    threads: int = 0  # torch threads of every job (CPU numbers depend on it); 0: the launcher's default
     workers: int = 2
     device: str = "auto"
     runs: str = "runs/replicate-voc"
@@ -121,8 +128,19 @@ def _config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+STATE_FILE = "pipeline_state.json"
+
+
+class PipelineError(UserError, RuntimeError):
+    """A batch that cannot go on as asked (a job key it does not have, a state its jobs cannot read); one line."""
+
+
 class PipelineState:
-    """`<runs>/pipeline_state.json`: the batch id and the stored run of each finished step."""
+    """`<runs>/pipeline_state.json`: the batch id, its settings, and what is finished (each protocol step's
+    stored run, each pretraining's backbone).
+
+    Written only by the coordinating process (the pipeline), which marks a job when its result comes back;
+    the jobs themselves only read it, to run with their batch's settings (`read`)."""
 
     def __init__(self, path: Path, digest: str) -> None:
         self.path = path
@@ -130,7 +148,24 @@ class PipelineState:
         if state.get("config_digest") != digest:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             state = {"config_digest": digest, "batch": f"{stamp}-{digest[:6]}", "done": {}, "report": None}
+        state.setdefault("pretrained", {})
         self.state = state
+
+    @staticmethod
+    def read(runs: Path) -> dict[str, Any]:
+        """A batch's state as a job reads it; a missing file means the job cannot see the coordinator's runs."""
+        path = Path(runs) / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PipelineError(f"no {STATE_FILE} in {runs}: this job cannot reach the batch's runs folder (on a "
+                                "cluster it must be on the shared filesystem)") from None
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"{path} is unreadable ({err})") from None
+        if "pipeline" not in state or "config" not in state:
+            raise PipelineError(f"{path} records no pipeline settings; start the batch with `densecl-bench "
+                                "replicate voc|dense` first")
+        return state
 
     @property
     def batch(self) -> str:
@@ -143,9 +178,36 @@ class PipelineState:
         self.state["done"][step] = run_id
         self.save()
 
+    def pretrained(self, job: Job) -> str | None:
+        """The backbone of a pretraining this batch finished, if its file is still there."""
+        path = self.state["pretrained"].get(job.name)
+        return path if path and Path(path).is_file() else None
+
+    def mark_pretrained(self, job: Job, backbone: Path) -> None:
+        self.state["pretrained"][job.name] = str(backbone)
+        self.save()
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.state)
+
+
+@contextlib.contextmanager
+def coordinator_lock(runs: Path) -> Iterator[None]:
+    """One coordinating process per runs folder: a second one would write the same state and run the same jobs.
+    (A filesystem without locks only loses this guard.)"""
+    runs.mkdir(parents=True, exist_ok=True)
+    fd = os.open(runs / ".pipeline.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"another pipeline is running on {runs}; wait for it, or use another --runs") from None
+        except OSError as err:
+            logging.getLogger("densecl_bench.pipeline").debug("no lock on %s (%s)", runs, err)
+        yield
+    finally:
+        os.close(fd)
 
 
 def pretrain_images(cfg) -> str:
@@ -161,19 +223,34 @@ def job_folder(runs: str, preset: str, job: Job) -> Path:
     return Path(runs) / Path(preset).stem / job.name
 
 
-def pretrain_checkpoint(job: Job, cfg, runs: str) -> tuple[Path, dict[str, Any]]:
-    """Train (or resume, or reuse) the job's small-scale checkpoint in `job_folder`; returns the backbone path
-    and its recipe. `cfg` is a pipeline config (preset, epochs, pretrain_images, workers, device, progress)."""
+def pretraining_config(job: Job, cfg, runs: str):
+    """The resolved pretraining config of `job` (preset < the pipeline's overrides), training in `job_folder`.
+    `cfg` is a pipeline config (preset, epochs, pretrain_images, workers, device, progress)."""
+    from baselines.pretrain_config import PretrainConfig
+
     overrides: dict[str, Any] = {"method": job.method, "seed": job.seed, "workers": cfg.workers, "device": cfg.device,
                                  "data": pretrain_images(cfg), "out": str(job_folder(runs, cfg.preset, job)),
                                  "resume": "auto", "progress": cfg.progress,
                                  "require_paper_grid": cfg.require_paper_grid}
     if cfg.epochs:
         overrides["epochs"] = cfg.epochs
-    from baselines.train import PretrainConfig, pretrain  # torch: loaded when a pipeline runs, not for --help
+    return configs.resolve(PretrainConfig, cfg.preset, overrides)
 
-    pretrain_cfg = configs.resolve(PretrainConfig, cfg.preset, overrides)
-    backbone = pretrain(pretrain_cfg)
+
+def pretrain_checkpoint(job: Job, cfg, runs: str) -> Path:
+    """Train (or resume, or reuse) the job's small-scale checkpoint in `job_folder`; returns the backbone path."""
+    from baselines.train import pretrain  # torch: loaded when a pipeline runs, not for --help
+
+    return pretrain(pretraining_config(job, cfg, runs))
+
+
+def trained_checkpoint(job: Job, cfg, runs: str) -> tuple[Path, dict[str, Any]]:
+    """The backbone of the job's finished pretraining and its recipe, read from `job_folder` (no training)."""
+    pretrain_cfg = pretraining_config(job, cfg, runs)
+    backbone = Path(pretrain_cfg.out) / "backbone.pth"
+    if not backbone.is_file():
+        raise PipelineError(f"{job.name} has no finished pretraining in {pretrain_cfg.out} (no backbone.pth); "
+                            f"run its pretraining job first (pretrain/{job.name})")
     log = Path(pretrain_cfg.out) / "log.jsonl"
     recipe = {**configs.to_dict(pretrain_cfg), "preset": cfg.preset, "log": str(log),
               "learning": learning_summary(log, pretrain_cfg.queue_size)}
@@ -198,30 +275,34 @@ def learning_summary(log: Path, queue_size: int) -> dict[str, Any]:
             "chance_loss": chance_loss, "last_acc_global": acc, "chance_acc": chance_acc, "learned": learned}
 
 
-def checkpoint_jobs(cfg, pipeline: str, runs: str) -> list[tuple[Job, Path | str, dict[str, Any]]]:
-    """(job, checkpoint, recipe) per method: the given checkpoints, or per seed the small-scale pretraining in
-    `<runs>/<method>-seed<N>` (trained, resumed, or reused when already finished)."""
+def pretrain_jobs(cfg) -> list[Job]:
+    """One pretraining per (seed, method) at small scale; none when the checkpoints are given."""
+    return [] if cfg.checkpoints else [Job(method, seed) for seed in cfg.seeds for method in cfg.methods]
+
+
+def checkpoint_jobs(cfg) -> list[Job]:
+    """Every checkpoint the protocols evaluate: the pretrained (or given) ones, and per seed the random-init
+    baseline when asked for."""
     if cfg.checkpoints:
-        return [(Job(method, cfg.seeds[0]), cfg.checkpoints[method],
-                 {"epochs": cfg.pretrain_epochs, "checkpoint": cfg.checkpoints[method]}) for method in cfg.methods]
+        return [Job(method, cfg.seeds[0]) for method in cfg.methods]
     jobs = []
     for seed in cfg.seeds:
-        for method in cfg.methods:
-            job = Job(method, seed)
-            _log(f"pretraining {job.name} ({cfg.preset}) in {job_folder(runs, cfg.preset, job)} (reused when "
-                 "finished)", pipeline)
-            backbone, recipe = pretrain_checkpoint(job, cfg, runs)
-            if not recipe["learning"].get("learned", True):
-                learning = recipe["learning"]
-                _log(f"warning: {job.name} did not learn: global loss {learning['last_loss_global']:.3f} against "
-                     f"chance {learning['chance_loss']:.3f}", pipeline)
-            jobs.append((job, backbone, recipe))
+        jobs += [Job(method, seed) for method in cfg.methods]
         if getattr(cfg, "random_baseline", False):
-            from baselines.pretrain_config import PretrainConfig
-
-            arch = configs.resolve(PretrainConfig, cfg.preset, {"data": "-", "out": "-"}).arch
-            jobs.append((Job("random", seed), RANDOM_INIT, {"epochs": 0, "arch": arch, "preset": "random init"}))
+            jobs.append(Job("random", seed))
     return jobs
+
+
+def checkpoint_of(job: Job, cfg, runs: str) -> tuple[Path | str, dict[str, Any]]:
+    """(checkpoint, recipe) of a job: the given file, the random-init baseline, or the finished pretraining."""
+    if cfg.checkpoints:
+        return cfg.checkpoints[job.method], {"epochs": cfg.pretrain_epochs, "checkpoint": cfg.checkpoints[job.method]}
+    if job.method == "random":
+        from baselines.pretrain_config import PretrainConfig
+
+        arch = configs.resolve(PretrainConfig, cfg.preset, {"data": "-", "out": "-"}).arch
+        return RANDOM_INIT, {"epochs": 0, "arch": arch, "preset": "random init"}
+    return trained_checkpoint(job, cfg, runs)
 
 
 @dataclass(frozen=True)
@@ -233,6 +314,9 @@ class Step:
     data: Any  # root(s), or None for the protocol's synthetic default
     settings: dict[str, Any]
     work_dir: Path | None = None
+    # Never runs beside the checkpoint's other exclusive steps: the SVM protocols of one checkpoint fill the same
+    # feature cache entry, whose writer is not safe for two concurrent writers (protocols/features.py).
+    exclusive: bool = False
 
 
 def _subject(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg):
@@ -248,49 +332,58 @@ def _subject(job: Job, checkpoint: Path | str, recipe: dict[str, Any], cfg):
     return subject
 
 
-def run_steps(job: Job, checkpoint: Path | str, recipe: dict[str, Any], steps: list[Step], cfg, state: PipelineState,
-              store, pipeline: str) -> None:
-    """Run every step of `job` not yet stored in this batch; each result goes to the store as it finishes."""
+def run_step(job: Job, step: Step, cfg, batch: str, store, pipeline: str, runs: str) -> str | None:
+    """Run one protocol step of `job` and store its result; returns the run id (None on torchrun ranks > 0,
+    which take part in the run but leave the writing to rank 0)."""
     import warnings
+
+    import torch
 
     from protocols.registry import get_protocol, is_synthetic
     from protocols.transfer import ProtocolDeviation
 
-    subject = None
-    for step in steps:
-        key = f"{job.name}/{step.name}"
-        if state.done(key):
-            _log(f"{key}: already stored as {state.done(key)}", pipeline)
-            continue
-        if subject is None:
-            subject = _subject(job, checkpoint, recipe, cfg)
-        protocol = get_protocol(step.protocol)
-        data, overrides = step.data, {}
-        if data is None:
-            default = protocol.default_data(cfg.progress)
-            data, overrides = default.data, dict(default.overrides)
-        run_cfg = protocol.make_config({**overrides, **step.settings}, synthetic=is_synthetic(data))
-        _log(f"{key}: {protocol.name} on {data}", pipeline)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
-            result = protocol.run(subject, data, run_cfg, work_dir=step.work_dir, progress=cfg.progress)
-        result.config["replication"] = {"batch": state.batch, "pipeline": pipeline, "job": job.name, "step": step.name,
-                                        "recipe": recipe}
-        record = store.write_run(pipeline, result, seed=job.seed,
-                                 command=["densecl-bench", *sys.argv[1:]] if sys.argv[1:] else None)
-        state.mark(key, record.run_id)
-        headline = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()
-                             if k in ("AP", "bbox_AP", "mIoU", "best/mAP") and v is not None)
-        _log(f"{key}: {headline + '; ' if headline else ''}stored {record.path}", pipeline)
+    key = f"{job.name}/{step.name}"
+    checkpoint, recipe = checkpoint_of(job, cfg, runs)
+    subject = _subject(job, checkpoint, recipe, cfg)
+    protocol = get_protocol(step.protocol)
+    data, overrides = step.data, {}
+    if data is None:
+        default = protocol.default_data(cfg.progress)
+        data, overrides = default.data, dict(default.overrides)
+    run_cfg = protocol.make_config({**overrides, **step.settings}, synthetic=is_synthetic(data))
+    _log(f"{key}: {protocol.name} on {data} ({torch.get_num_threads()} thread(s))", pipeline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProtocolDeviation)  # recorded in the result
+        result = protocol.run(subject, data, run_cfg, work_dir=step.work_dir, progress=cfg.progress)
+    result.config["replication"] = {"batch": batch, "pipeline": pipeline, "job": job.name, "step": step.name,
+                                    "recipe": recipe, "threads": torch.get_num_threads()}
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    record = store.write_run(pipeline, result, seed=job.seed,
+                             command=["densecl-bench", *sys.argv[1:]] if sys.argv[1:] else None)
+    headline = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()
+                         if k in ("AP", "bbox_AP", "mIoU", "best/mAP") and v is not None)
+    _log(f"{key}: {headline + '; ' if headline else ''}stored {record.path}", pipeline)
+    return record.run_id
+
+
+def stored_steps(store, pipeline: str, batch: str) -> dict[str, str]:
+    """`<job>/<step>` -> run id of every protocol run of `batch` in the store (the oldest, if one ran twice)."""
+    found: dict[str, str] = {}
+    for record in store.scan_runs(pipeline).records:  # jobs writing right now leave partial folders: not news
+        info = record.config.get("replication", {})
+        if info.get("batch") == batch and info.get("job") and info.get("step"):
+            found.setdefault(f"{info['job']}/{info['step']}", record.run_id)
+    return found
 
 
 def voc_steps(job: Job, cfg: ReplicateVOCConfig) -> list[Step]:
     root = Path(cfg.voc_root) if cfg.voc_root else default_voc_root(progress=cfg.progress)
     costs = cfg.costs or (voc_svm.DEFAULT_COSTS if cfg.scale == "paper" else SMALL_SCALE_COSTS)
     common = dict(costs=costs, seed=job.seed, workers=cfg.workers, device=cfg.device, solver=cfg.solver)
-    steps = [Step("voc07_svm", "voc07_svm", root, dict(common, layers=tuple(cfg.svm_layers))),
+    steps = [Step("voc07_svm", "voc07_svm", root, dict(common, layers=tuple(cfg.svm_layers)), exclusive=True),
              Step("voc07_lowshot", "voc07_lowshot", root,
-                  dict(common, layers=(cfg.lowshot_layer,), ks=tuple(cfg.ks), samples=cfg.samples))]
+                  dict(common, layers=(cfg.lowshot_layer,), ks=tuple(cfg.ks), samples=cfg.samples), exclusive=True)]
     if cfg.dense_probe and cfg.scale == "small":
         steps.append(Step("seg_voc_dense_probe", "seg_voc_dense_probe", root,
                           dict(train_split="trainval", test_split="test", device=cfg.device,
@@ -298,25 +391,9 @@ def voc_steps(job: Job, cfg: ReplicateVOCConfig) -> list[Step]:
     return steps
 
 
-def replicate_voc(cfg: ReplicateVOCConfig) -> dict[str, Any]:
+def replicate_voc(cfg: ReplicateVOCConfig, launcher=None) -> dict[str, Any]:
     """Run the pipeline; returns {"batch", "runs": [...], "report": path of the verdict report}."""
-    from replication.report import select_runs, write_report
-    from replication.results import ResultsStore
-
-    cfg.validate()
-    store = ResultsStore(cfg.results)
-    state = PipelineState(Path(cfg.runs) / "pipeline_state.json", _config_digest(cfg))
-    state.save()
-    started = time.perf_counter()
-    _log(f"batch {state.batch}: {cfg.scale} scale, methods {', '.join(cfg.methods)}"
-         + (f", seeds {', '.join(map(str, cfg.seeds))}" if cfg.scale == "small" else ""))
-    for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-voc", cfg.runs):
-        run_steps(job, checkpoint, recipe, voc_steps(job, cfg), cfg, state, store, "replicate-voc")
-    report = write_report(store, select_runs(store, "replicate-voc", state.batch))
-    state.state["report"] = str(report)
-    state.save()
-    _log(f"done in {time.perf_counter() - started:.0f} s")
-    return {"batch": state.batch, "report": report, "runs": dict(state.state["done"])}
+    return run_batch(PIPELINES["replicate-voc"], cfg, launcher)
 
 
 def replicate_voc_config(**values) -> ReplicateVOCConfig:
@@ -357,6 +434,7 @@ class ReplicateDenseConfig:
     pretrain_data: str = "imagenet"
     pretrain_epochs: int = 200
     arch: str = ""
+    threads: int = 0  # torch threads of every job (CPU numbers depend on it); 0: the launcher's default
     workers: int = 2
     device: str = "auto"
     runs: str = "runs/replicate-dense"
@@ -414,33 +492,233 @@ def dense_steps(job: Job, cfg: ReplicateDenseConfig) -> list[Step]:
     return steps
 
 
-def replicate_dense(cfg: ReplicateDenseConfig) -> dict[str, Any]:
-    """Run the dense pipeline; returns {"batch", "runs", "report"} like `replicate_voc`."""
+def _dense_prerequisites(cfg: ReplicateDenseConfig) -> None:
     from protocols.transfer import require_mm_stack
-    from replication.report import select_runs, write_report
-    from replication.results import ResultsStore
 
-    cfg.validate()
     if any(t.endswith("-fcn") for t in cfg.tasks):
         require_mm_stack("mmseg")
     if any(not t.endswith("-fcn") for t in cfg.tasks):
         require_mm_stack("mmdet")
-    store = ResultsStore(cfg.results)
-    state = PipelineState(Path(cfg.runs) / "pipeline_state.json", _config_digest(cfg))
-    state.save()
-    started = time.perf_counter()
-    _log(f"batch {state.batch}: {cfg.scale} scale, tasks {', '.join(cfg.tasks)}, modes {', '.join(cfg.modes)}",
-         "replicate-dense")
-    for job, checkpoint, recipe in checkpoint_jobs(cfg, "replicate-dense", cfg.pretrain_runs):
-        run_steps(job, checkpoint, recipe, dense_steps(job, cfg), cfg, state, store, "replicate-dense")
-    report = write_report(store, select_runs(store, "replicate-dense", state.batch))
-    state.state["report"] = str(report)
-    state.save()
-    _log(f"done in {time.perf_counter() - started:.0f} s", "replicate-dense")
-    return {"batch": state.batch, "report": report, "runs": dict(state.state["done"])}
+
+
+def replicate_dense(cfg: ReplicateDenseConfig, launcher=None) -> dict[str, Any]:
+    """Run the dense pipeline; returns {"batch", "runs", "report"} like `replicate_voc`."""
+    return run_batch(PIPELINES["replicate-dense"], cfg, launcher)
 
 
 def replicate_dense_config(**values) -> ReplicateDenseConfig:
     """A config from keyword values (CLI), ignoring None."""
     fields = {f.name for f in dataclasses.fields(ReplicateDenseConfig)}
     return ReplicateDenseConfig(**{k: v for k, v in values.items() if k in fields and v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- batches of jobs
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What differs between the pipelines; the batch (stages, jobs, state, report) is the same for both."""
+
+    name: str
+    config_type: type
+    steps: Callable[[Job, Any], list[Step]]  # the protocol steps of one checkpoint
+    pretrain_runs: Callable[[Any], str]  # where its pretrainings live
+    check: Callable[[Any], None] = lambda cfg: None  # prerequisites, before any work
+
+
+PIPELINES: dict[str, PipelineSpec] = {
+    "replicate-voc": PipelineSpec("replicate-voc", ReplicateVOCConfig, voc_steps, lambda cfg: cfg.runs),
+    "replicate-dense": PipelineSpec("replicate-dense", ReplicateDenseConfig, dense_steps,
+                                    lambda cfg: cfg.pretrain_runs, _dense_prerequisites),
+}
+
+
+def protocol_steps(spec: PipelineSpec, cfg) -> dict[str, tuple[Job, Step]]:
+    """`<job>/<step>` -> (job, step), step by step across the checkpoints: jobs running side by side then
+    evaluate different checkpoints."""
+    per_job = [(job, spec.steps(job, cfg)) for job in checkpoint_jobs(cfg)]
+    table: dict[str, tuple[Job, Step]] = {}
+    for index in range(max((len(steps) for _, steps in per_job), default=0)):
+        for job, steps in per_job:
+            if index < len(steps):
+                table[f"{job.name}/{steps[index].name}"] = (job, steps[index])
+    return table
+
+
+def waves(steps: dict[str, tuple[Job, Step]]) -> list[list[str]]:
+    """The protocol jobs in waves that run one after the other, each holding at most one exclusive step per
+    checkpoint: replicate-voc's SVM steps in two waves (the dense probe in the first), replicate-dense's in one."""
+    placed: dict[str, int] = {}
+    grouped: list[list[str]] = []
+    for key, (job, step) in steps.items():
+        index = placed.get(job.name, 0) if step.exclusive else 0
+        if step.exclusive:
+            placed[job.name] = index + 1
+        grouped += [[] for _ in range(index + 1 - len(grouped))]
+        grouped[index].append(key)
+    return grouped
+
+
+def run_job(spec: PipelineSpec, cfg, batch: str, store, key: str) -> str | None:
+    """Run one job of a batch here: `pretrain/<job>` trains (or resumes) a checkpoint, `<job>/<step>` runs and
+    stores one protocol step (returns its run id). What the in-process launcher and `densecl-bench replicate
+    job` both call."""
+    if key.startswith("pretrain/"):
+        jobs = {f"pretrain/{job.name}": job for job in pretrain_jobs(cfg)}
+        if key not in jobs:
+            raise PipelineError(f"batch {batch} has no job {key}; its pretraining jobs: {', '.join(jobs) or 'none'}")
+        runs = spec.pretrain_runs(cfg)
+        _log(f"{key}: {cfg.preset} in {job_folder(runs, cfg.preset, jobs[key])} (resumed or reused when it has "
+             "checkpoints)", spec.name)
+        pretrain_checkpoint(jobs[key], cfg, runs)
+        return None
+    steps = protocol_steps(spec, cfg)
+    if key not in steps:
+        raise PipelineError(f"batch {batch} has no job {key}; its protocol jobs look like {next(iter(steps), '-')}")
+    job, step = steps[key]
+    return run_step(job, step, cfg, batch, store, spec.name, spec.pretrain_runs(cfg))
+
+
+def config_from(spec: PipelineSpec, values: dict[str, Any]):
+    """The pipeline config a state file recorded (JSON lists back to the tuples the fields hold)."""
+    names = {f.name for f in dataclasses.fields(spec.config_type)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise PipelineError(f"the batch's settings name unknown field(s) {unknown}: it was started by another "
+                            "version of densecl-bench")
+    return spec.config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def run_recorded_job(runs: str, key: str) -> None:
+    """`densecl-bench replicate job RUNS KEY`: one job of the batch in RUNS, with the batch's own settings, in the
+    folder the batch was started from (its relative paths mean the same there). A job already stored is
+    skipped, so a job that runs twice stores one result."""
+    from replication.results import ResultsStore
+
+    state = PipelineState.read(Path(runs))
+    spec = PIPELINES.get(state["pipeline"])
+    if spec is None:
+        raise PipelineError(f"{Path(runs) / STATE_FILE} names an unknown pipeline {state['pipeline']!r}")
+    folder = Path(runs).resolve()
+    try:
+        os.chdir(state.get("cwd") or ".")
+    except OSError as err:
+        raise PipelineError(f"the batch was started in {state.get('cwd')}, which this job cannot reach "
+                            f"({err.strerror}); start it from a folder on the shared filesystem") from None
+    cfg = dataclasses.replace(config_from(spec, state["config"]), progress=False)  # logs, not bars
+    if _config_digest(cfg) != state["config_digest"]:
+        raise PipelineError(f"the settings in {folder / STATE_FILE} do not match its digest; start the batch again")
+    if Path(cfg.runs).resolve() != folder:
+        raise PipelineError(f"{folder / STATE_FILE} belongs to the runs folder {Path(cfg.runs).resolve()}; "
+                            "give that folder")
+    store = ResultsStore(cfg.results)
+    if not key.startswith("pretrain/") and key in stored_steps(store, spec.name, state["batch"]):
+        _log(f"{key}: already stored in batch {state['batch']}", spec.name)
+        return
+    with torch_threads(cfg.threads):
+        run_job(spec, cfg, state["batch"], store, key)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with the batch's torch thread count (its CPU numbers depend on it), then restore the caller's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_batch(spec: PipelineSpec, cfg, launcher=None) -> dict[str, Any]:
+    """A batch in stages: every pretraining job, then every protocol job, then the report. Finished jobs (in the
+    state or the store) are skipped; failed ones are reported with their logs, and the report waits for them.
+
+    This process is the one writer of the state: it marks each job as the launcher says it finished."""
+    from replication.launchers import BatchJobs, InProcess, JobsFailed
+    from replication.report import select_runs, write_report
+    from replication.results import ResultsStore
+
+    cfg.validate()
+    spec.check(cfg)
+    launcher = launcher or InProcess()
+    if cfg.threads < 0:
+        raise configs.ConfigError(f"--threads must be at least 1 (0: the default), got {cfg.threads}")
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or launcher.default_threads())  # part of the batch's settings
+    store = ResultsStore(cfg.results)
+    runs = Path(cfg.runs)
+    with coordinator_lock(runs), torch_threads(cfg.threads):
+        state = PipelineState(runs / STATE_FILE, _config_digest(cfg))
+        state.state.update(pipeline=spec.name, config=asdict(cfg), cwd=os.getcwd())
+        state.save()
+        started = time.perf_counter()
+        scope = (f"methods {', '.join(cfg.methods)}, seeds {', '.join(map(str, cfg.seeds))}" if cfg.scale == "small"
+                 else f"methods {', '.join(cfg.methods)}")
+        _log(f"batch {state.batch}: {cfg.scale} scale, {scope}; jobs run {launcher.description}, {cfg.threads} "
+             "thread(s) each", spec.name)
+        batch = BatchJobs(runs.resolve(), lambda key: run_job(spec, cfg, state.batch, store, key), cfg.threads)
+        failures = pretraining_stage(spec, cfg, state, launcher, batch)
+        waiting = {f.key.removeprefix("pretrain/") for f in failures}
+        failures += protocol_stage(spec, cfg, state, store, launcher, batch, waiting)
+        if failures:
+            raise JobsFailed(failures, len(pretrain_jobs(cfg)) + len(protocol_steps(spec, cfg)))
+        report = write_report(store, select_runs(store, spec.name, state.batch))
+        state.state["report"] = str(report)
+        state.save()
+        _log(f"done in {time.perf_counter() - started:.0f} s", spec.name)
+        return {"batch": state.batch, "report": report, "runs": dict(state.state["done"])}
+
+
+def pretraining_stage(spec: PipelineSpec, cfg, state: PipelineState, launcher, batch) -> list:
+    """Every pretraining the batch has not finished; each is marked (and its learning checked) as it ends."""
+    pretraining = {f"pretrain/{job.name}": job for job in pretrain_jobs(cfg)}
+    for key, job in pretraining.items():
+        if state.pretrained(job):
+            _log(f"{key}: finished ({state.pretrained(job)})", spec.name)
+    todo = [key for key, job in pretraining.items() if not state.pretrained(job)]
+    if todo:
+        pretrain_images(cfg)  # the shared data, made once here rather than by the jobs at the same time
+
+    def finished(key: str, _: str | None) -> None:
+        job = pretraining[key]
+        backbone, recipe = trained_checkpoint(job, cfg, spec.pretrain_runs(cfg))
+        state.mark_pretrained(job, backbone)
+        learning = recipe["learning"]
+        if not learning.get("learned", True):
+            _log(f"warning: {job.name} did not learn: global loss {learning['last_loss_global']:.3f} against "
+                 f"chance {learning['chance_loss']:.3f}", spec.name)
+
+    return launcher.run("pretrain", todo, batch, finished)
+
+
+def protocol_stage(spec: PipelineSpec, cfg, state: PipelineState, store, launcher, batch, waiting: set[str]) -> list:
+    """Every protocol step not stored yet, but those of checkpoints whose pretraining failed (`waiting`)."""
+    from replication.launchers import Failure
+
+    steps = protocol_steps(spec, cfg)  # also makes the evaluation data, here, before the jobs start
+    for key, run_id in stored_steps(store, spec.name, state.batch).items():
+        if key in steps and not state.done(key):  # stored by a job whose coordinator stopped before marking it
+            state.state["done"][key] = run_id
+    state.save()
+    for key in steps:
+        if state.done(key):
+            _log(f"{key}: already stored as {state.done(key)}", spec.name)
+    todo = [key for key, (job, _) in steps.items() if not state.done(key) and job.name not in waiting]
+
+    def finished(key: str, run_id: str | None) -> None:
+        run_id = run_id or stored_steps(store, spec.name, state.batch).get(key)  # a job process: find it
+        if run_id is not None:
+            state.mark(key, run_id)
+
+    failures = []
+    for index, wave in enumerate(waves({key: steps[key] for key in todo})):
+        failures += launcher.run(f"protocol-{index + 1}", wave, batch, finished)
+    failed = {f.key for f in failures}
+    failures += [Failure(key, batch.log_path(key), "it finished without storing a result")
+                 for key in todo if not state.done(key) and key not in failed]
+    blocked = sum(1 for key, (job, _) in steps.items() if job.name in waiting and not state.done(key))
+    if blocked:
+        _log(f"{blocked} protocol job(s) wait for the failed pretraining", spec.name)
+    return failures

@@ -19,7 +19,7 @@ from replication.cli import COMMANDS, build_parser, is_user_error, main
 from replication.results import ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "timm", "sklearn", "faiss", "matplotlib", "pandas")
+HEAVY = ("torch", "timm", "sklearn", "faiss", "matplotlib", "pandas", "submitit")
 # Runs `main(argv)` in a fresh interpreter and prints which heavy modules it imported.
 PROBE = """
 import json, sys
@@ -46,6 +46,7 @@ def help_imports(*argv: str) -> tuple[str, list[str]]:
     ["--help"], ["eval", "--help"], ["eval", "linear_in1k_mhead", "--help"], ["report", "--help"],
     ["results", "check", "--help"], ["claims", "list", "--help"], ["data", "synth", "--help"], ["regression", "--help"],
     ["pretrain", "--help"], ["convert", "--help"], ["replicate", "voc", "--help"], ["replicate", "dense", "--help"],
+    ["replicate", "job", "--help"],
 ])
 def test_help_imports_no_heavy_library(argv):
     text, heavy = help_imports(*argv)

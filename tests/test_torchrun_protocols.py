@@ -87,7 +87,8 @@ def interrupt_extraction(cache: Path, split: str, layer: str, done: int) -> None
     [features] = cache.glob(f"*/{split}_{layer}.npy")
     rows = np.load(features)
     rows[done:] = 0
-    np.save(features.with_name(features.name + ".partial"), rows)  # the .npy format open_memmap writes
+    with open(features.with_name(features.name + ".partial"), "wb") as partial:  # np.save(path) would add .npy
+        np.save(partial, rows)  # the .npy format open_memmap writes
     features.unlink()
     (features.parent / f"{split}.progress.json").write_text(json.dumps({"layers": [layer], "rows": len(rows),
                                                                         "done": done}))

@@ -142,8 +142,8 @@ def run(subject: BackboneUnderTest, data: str | Path | list, cfg: SegmentationCo
                                  policy="poly", min_lr=cfg.min_lr)
     per_class: dict[str, float] = {}
 
-    def evaluate(model) -> dict[str, float]:
-        metrics, classes = mmseg_adapter.evaluate(model, test_set, progress)
+    def evaluate(model, ranks) -> dict[str, float]:
+        metrics, classes = mmseg_adapter.evaluate(model, test_set, ranks, progress)
         per_class.update(classes)
         return metrics
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 from baselines import config as configs
@@ -161,6 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         LOG.info("%s: resumable state in %s", protocol.name, work_dir)
     with _deviations_as_lines():
         result = protocol.run(subject, data, cfg, work_dir=work_dir, progress=args.progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank ran the protocol; rank 0 stores the run
+        return 0
     _print_metrics(f"{protocol.name} ({result.scale} scale; {result.dataset.get('name', '')}, "
                    f"{result.dataset.get('splits', '')})", result.metrics)
     record = store.write_run("eval", result, seed=getattr(cfg, "seed", None), command=["densecl-bench", *args.argv])

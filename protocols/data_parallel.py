@@ -2,9 +2,10 @@
 
 Each rank trains on its share of every global batch (the batch and LR stay the reference's at any N) and
 DDP averages the gradients. Three things couple the images of one batch, and each needs its part here:
-- BatchNorm: the reference uses SyncBN. `to_sync_batchnorm` converts every BN of the model to
-  `CrossRankBatchNorm`, torch's SyncBatchNorm on GPUs and the same statistics over gloo on the CPU,
-  where torch's refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU", torch 2.14).
+- BatchNorm: the reference uses SyncBN. `to_sync_batchnorm` converts every BN of the model to torch's
+  SyncBatchNorm on GPUs, and on the CPU, where torch's refuses CPU tensors ("SyncBatchNorm expected
+  input tensor to be on GPU", torch 2.14) and DDP refuses it on CPU modules, to `CrossRankBatchNorm`:
+  the same statistics, all-reduced over gloo.
 - Dropout: `GlobalBatchDropout2d` draws the mask for the whole global batch, as one process would, and
   keeps this rank's rows, so FCN's dropout masks do not depend on N.
 - Evaluation: `predict_in_order` shards the test images over the ranks and hands every rank the
@@ -50,14 +51,20 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
-class CrossRankBatchNorm(nn.SyncBatchNorm):
-    """SyncBatchNorm on every device: torch's own on GPUs; on the CPU, mean and variance over all ranks'
-    images from two differentiable all-reduces (sum, then squared deviations: two passes, as one process's
-    BN computes them). In eval mode, or in one process, it is plain BN. Same parameters and buffers as BN."""
+class CrossRankBatchNorm(_BatchNorm):
+    """SyncBN on the CPU: mean and variance over all ranks' images from two differentiable all-reduces (sum,
+    then squared deviations: two passes, as one process's BN computes them). Not a subclass of torch's
+    SyncBatchNorm, which DDP refuses on CPU modules. In eval mode, or in one process, it is plain BN; its
+    parameters and buffers are BN's."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
+        self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         count = _SumOverRanks.apply(torch.tensor(float(x.numel() // x.shape[1])))
         mean = _SumOverRanks.apply(x.sum(dims)) / count
@@ -77,14 +84,15 @@ class CrossRankBatchNorm(nn.SyncBatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
 
 
-def to_sync_batchnorm(module: nn.Module) -> int:
-    """Replace every BN layer below `module` by a `CrossRankBatchNorm` holding the same parameters (the same
-    tensors: requires_grad and freezing carry over), buffers and train/eval mode. Returns how many."""
+def to_sync_batchnorm(module: nn.Module, device_type: str) -> int:
+    """Replace every BN layer below `module` by a synchronised one (torch's SyncBatchNorm, or
+    `CrossRankBatchNorm` for the CPU) holding the same parameters (the same tensors: requires_grad and
+    freezing carry over), buffers and train/eval mode. Returns how many."""
+    sync_class = CrossRankBatchNorm if device_type == "cpu" else nn.SyncBatchNorm
     converted = 0
     for name, child in module.named_children():
-        if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-            sync = CrossRankBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                      child.track_running_stats)
+        if isinstance(child, _BatchNorm) and not isinstance(child, (nn.SyncBatchNorm, CrossRankBatchNorm)):
+            sync = sync_class(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             if child.affine:
                 sync.weight, sync.bias = child.weight, child.bias
             if child.track_running_stats:
@@ -94,7 +102,7 @@ def to_sync_batchnorm(module: nn.Module) -> int:
             setattr(module, name, sync)
             converted += 1
         else:
-            converted += to_sync_batchnorm(child)
+            converted += to_sync_batchnorm(child, device_type)
     return converted
 
 
@@ -139,7 +147,7 @@ def for_ranks(model: nn.Module, ranks: Distributed) -> dict[str, Any]:
     return {"world_size": ranks.world_size,
             "norm": "SyncBN: " + ("torch SyncBatchNorm" if ranks.device.type != "cpu"
                                   else "statistics all-reduced over gloo (torch's SyncBatchNorm refuses the CPU)"),
-            "sync_bn_layers": to_sync_batchnorm(model),
+            "sync_bn_layers": to_sync_batchnorm(model, ranks.device.type),
             "global_batch_dropout_layers": to_global_batch_dropout(model, ranks.rank, ranks.world_size)}
 
 

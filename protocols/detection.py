@@ -149,7 +149,8 @@ def run(subject: BackboneUnderTest, data: list[str | Path] | str | Path, cfg: De
         model_cfg=model_cfg,
         place=mmdet_adapter.backbone_placement(cfg.task), owned=mmdet_adapter.owned_prefixes(cfg.task),
         train_set=train_set, collate=mmdet_adapter.collate, schedule=schedule, batch_size=cfg.batch_size,
-        evaluate=lambda model: mmdet_adapter.evaluate(model, test_set, cfg.task, annotation_file, progress),
+        evaluate=lambda model, ranks: mmdet_adapter.evaluate(model, test_set, cfg.task, annotation_file, ranks,
+                                                            progress),
         dataset_info=dataset_info, work_dir=Path(work_dir), device=str(resolve_device(cfg.device)), seed=cfg.seed,
         workers=cfg.workers, save_every=cfg.save_every, progress=progress, frozen=cfg.mode == "frozen",
         frozen_note=("stem+res2..res4 frozen, BN in eval; res5 (C4 RoI head) and its extra norm train"
@@ -171,7 +172,8 @@ _DET_HELP = ("Fine-tune a detector from the checkpoint's backbone (every backbon
              "Settings that differ from the reference (batch, LR, iterations, sizes, SyncBN) are warned about and "
              "recorded. Without --data: the synthetic scenes with the small preset. Needs the OpenMMLab stack "
              "(README 'Dense protocols'). The same command resumes an interrupted run.")
-_COMMON = dict(config=DetectionConfig, body=run, measurements=measurements, needs="mmdet", resumable=True)
+_COMMON = dict(config=DetectionConfig, body=run, measurements=measurements, needs="mmdet", resumable=True,
+               torchrun=True)
 DET_VOC_C4 = Protocol(
     name="det_voc_c4", summary="Faster R-CNN R50-C4 on VOC07+12, tested on VOC07 (spec §4.1-4.2)",
     description="Faster R-CNN C4 on VOC07(+12) trainval, res5 + extra norm as the RoI head, tested on VOC07 test: "

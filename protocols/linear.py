@@ -41,6 +41,7 @@ from baselines.data import load_rgb
 from baselines.distributed import Distributed
 from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
 from protocols.common import resolve_device
+from protocols.data_parallel import to_sync_batchnorm
 from protocols.datasets.classification import (
     ClassificationSplit,
     LabeledImages,
@@ -139,46 +140,12 @@ def linear_layer(in_features: int, num_classes: int) -> nn.Linear:
     return fc
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the global batch, summed over the torchrun ranks.
-
-    The reference's heads use SyncBN (spec §2.1, `norm_cfg=dict(type='SyncBN', affine=False)`): statistics over the
-    whole batch of 256 on 8 GPUs, which is what one process's BatchNorm2d computes over the same 256 images. So
-    under torchrun the heads get this instead of a per-rank BN. Its input is a pooled map of the frozen backbone
-    (no gradient) and it has no affine parameters, so the statistics are taken outside autograd; that makes it
-    work on gloo/CPU too, where torch's SyncBatchNorm refuses to run. Running statistics update as BatchNorm2d's.
-    """
-
-    def __init__(self, num_features: int, ranks: Distributed, momentum: float = 0.1) -> None:
-        super().__init__(num_features, affine=False, momentum=momentum)
-        self.ranks = ranks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        if x.requires_grad:
-            raise RuntimeError("GlobalBatchNorm2d normalises inputs that need no gradient (frozen-backbone maps)")
-        channels = x.shape[1]
-        with torch.no_grad():
-            wide = x.double()
-            totals = self.ranks.all_sum(torch.cat([wide.sum((0, 2, 3)), wide.square().sum((0, 2, 3)),
-                                                   wide.new_tensor([x.numel() // channels])]))
-            count = totals[-1]
-            mean = totals[:channels] / count
-            var = totals[channels:-1] / count - mean.square()  # biased, as BN normalises; float64 sums
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
-            self.running_var.mul_(1 - factor).add_(factor * (var * count / (count - 1)).to(self.running_var.dtype))
-            shape = (1, channels, 1, 1)
-            return (x - mean.view(shape).to(x.dtype)) * torch.rsqrt(var + self.eps).view(shape).to(x.dtype)
-
-
 def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: int = SPEC_IMAGE_SIZE,
                 layers: Sequence[str] | None = None, ranks: Distributed | None = None) -> nn.ModuleDict:
     """One head per layer. mhead: pool -> BN(affine=False) on the pooled map -> flatten -> fc (§2.1).
 
-    With `ranks` of a torchrun job the BN is the global-batch `GlobalBatchNorm2d` (the reference's SyncBN).
+    With `ranks` of a torchrun job every BN becomes SyncBN (`protocols.data_parallel`; the reference's heads use
+    SyncBN, spec §2.1): statistics over the whole batch of 256, as one process's BatchNorm2d computes them.
     """
     heads = nn.ModuleDict()
     if variant not in RECIPES:
@@ -191,11 +158,12 @@ def build_heads(backbone: Backbone, variant: str, num_classes: int, image_size: 
         channels, grid = backbone.channels[layer], spec_grid(layer, backbone.reductions[layer])
         heads[layer] = nn.Sequential(
             stage_pool(layer, backbone.reductions[layer], image_size),
-            (GlobalBatchNorm2d(channels, ranks) if ranks is not None and ranks.world_size > 1
-             else nn.BatchNorm2d(channels, affine=False, momentum=0.1)),
+            nn.BatchNorm2d(channels, affine=False, momentum=0.1),
             nn.Flatten(),
             linear_layer(channels * grid * grid, num_classes),
         )
+    if ranks is not None and ranks.world_size > 1:
+        to_sync_batchnorm(heads, ranks.device.type)
     return heads
 
 

@@ -6,7 +6,8 @@ protocols.md §4.2, §4.3), so every difference from stock mmdet is visible here
   head followed by one extra norm layer (`ResLayerExtraNorm`, MMSelfSup/detectron2 "ExtraNorm"),
   nothing frozen, BN trained; RGB input with ImageNet mean/std.
 - Mask R-CNN R50-FPN: norm layers in the backbone, FPN, 4conv+1fc box head and mask head.
-SyncBN becomes BN: one process, one device (recorded as a deviation by the protocol).
+The configs say BN: in one process that is BN over the whole batch (recorded as a deviation from SyncBN by
+the protocol); under torchrun `protocols.data_parallel` turns every BN into SyncBN.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from baselines.distributed import Distributed
 from protocols.transfer import quiet_mm_logging, require_mm_stack, use_mm_scope
 
 IMAGENET_RGB = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True)
@@ -201,11 +203,17 @@ def collate(batch: list[Any]) -> Any:
     return pseudo_collate(batch)
 
 
-def evaluate(model: nn.Module, dataset: Any, task: str, annotation_file: Path | None = None,
+def evaluate(model: nn.Module, dataset: Any, task: str, annotation_file: Path | None, ranks: Distributed,
              progress: bool = True) -> dict[str, float]:
-    """Predict the test set and score it: VOC 11-point AP at IoU .50:.95 (AP, AP50, AP75) or COCO box/mask AP."""
+    """Predict the test set and score it: VOC 11-point AP at IoU .50:.95 (AP, AP50, AP75) or COCO box/mask AP.
+
+    Under torchrun each rank predicts its share of the images and the metric scores all of them in image
+    order (on every rank): `compute_metrics` on the gathered list, not mmengine's `evaluate`, whose own
+    collection across ranks would gather the parts a second time (through a temp folder of one machine).
+    """
     from mmengine.evaluator import Evaluator
-    from tqdm import tqdm
+
+    from protocols.data_parallel import predict_in_order
 
     if task == "voc-c4":
         from mmdet.evaluation import VOCMetric
@@ -215,19 +223,22 @@ def evaluate(model: nn.Module, dataset: Any, task: str, annotation_file: Path | 
         from mmdet.evaluation import CocoMetric
 
         metric = CocoMetric(ann_file=str(annotation_file), metric=["bbox", "segm"])
-    evaluator = Evaluator(metric)
-    evaluator.dataset_meta = dataset.metainfo
+    metric.dataset_meta = dataset.metainfo
+    evaluator = Evaluator(metric)  # turns the model's data samples into the dicts the metric reads
+
+    def score_input(batch: Any) -> Any:
+        evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
+        [scored] = metric.results  # (ground truth, predictions) of the batch's one image
+        metric.results.clear()
+        return scored
+
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="test", unit="img", disable=not progress, mininterval=2.0):
-            evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
-    scores = evaluator.evaluate(len(dataset))
+    scores = metric.compute_metrics(predict_in_order(ranks, dataset, score_input, collate, progress))
     if task == "voc-c4":
-        ap = {int(round(t * 100)): scores[f"pascal_voc/AP{int(round(t * 100)):02d}"] for t in VOC_IOU_THRESHOLDS}
+        ap = {int(round(t * 100)): scores[f"AP{int(round(t * 100)):02d}"] for t in VOC_IOU_THRESHOLDS}
         return {"AP": 100 * sum(ap.values()) / len(ap), "AP50": 100 * ap[50], "AP75": 100 * ap[75]}
-    names = {"bbox_AP": "coco/bbox_mAP", "bbox_AP50": "coco/bbox_mAP_50", "bbox_AP75": "coco/bbox_mAP_75",
-             "mask_AP": "coco/segm_mAP", "mask_AP50": "coco/segm_mAP_50", "mask_AP75": "coco/segm_mAP_75"}
+    names = {"bbox_AP": "bbox_mAP", "bbox_AP50": "bbox_mAP_50", "bbox_AP75": "bbox_mAP_75",
+             "mask_AP": "segm_mAP", "mask_AP50": "segm_mAP_50", "mask_AP75": "segm_mAP_75"}
     if not scores:  # mmdet logs "results ... empty" and returns nothing: no detections score AP 0
         return {ours: 0.0 for ours in names}
     return {ours: 100 * float(scores[theirs]) for ours, theirs in names.items()}

@@ -3,8 +3,9 @@
 The model starts from mmseg 1.2.2's `fcn_r50-d8.py` and applies the DenseCL fork's deltas (spec
 protocols.md §4.4): the backbone is the plain 7x7-stem `ResNet` (the fork's `ResNetNormal`), not
 mmseg's deep-stem `ResNetV1c`, whose stem would not take the pretrained weights (DenseCL#3);
-no `pretrained=` (weights arrive through `protocols.transfer`, loudly); SyncBN becomes BN on one
-device; Cityscapes uses `align_corners=True` and sliding-window inference.
+no `pretrained=` (weights arrive through `protocols.transfer`, loudly); BN, which is BN over the whole
+batch in one process and becomes SyncBN under torchrun (`protocols.data_parallel`); Cityscapes uses
+`align_corners=True` and sliding-window inference.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from baselines.distributed import Distributed
 from protocols.transfer import quiet_mm_logging, require_mm_stack, use_mm_scope
 
 IGNORE_INDEX = 255
@@ -124,22 +125,30 @@ def miou(intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray) -> di
     return {"mIoU": 100 * float(np.nanmean(iou)), "aAcc": 100 * float(intersect.sum() / label_area.sum())}
 
 
-def evaluate(model: nn.Module, dataset: Any, progress: bool = True) -> tuple[dict[str, float], dict[str, float]]:
-    """(metrics, per-class IoU) of the model's predictions on `dataset` at the original resolution."""
+def evaluate(model: nn.Module, dataset: Any, ranks: Distributed,
+             progress: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, per-class IoU) of the model's predictions on `dataset` at the original resolution; under
+    torchrun each rank predicts its share of the images and every rank sums all the areas in image order."""
     from mmseg.evaluation import IoUMetric
-    from tqdm import tqdm
+
+    from protocols.data_parallel import predict_in_order
 
     classes = dataset.metainfo["classes"]
-    totals = np.zeros((3, len(classes)), np.float64)
+
+    def areas(batch: Any) -> np.ndarray:
+        """(intersection, union, label) area per class of the batch's image(s)."""
+        total = np.zeros((3, len(classes)), np.float64)
+        for sample in model.test_step(batch):
+            intersect, union, _, label = IoUMetric.intersect_and_union(
+                sample.pred_sem_seg.data.squeeze(0), sample.gt_sem_seg.data.squeeze(0).to(sample.pred_sem_seg.data),
+                len(classes), IGNORE_INDEX)
+            total += np.stack([intersect.cpu().numpy(), union.cpu().numpy(), label.cpu().numpy()])
+        return total
+
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="test", unit="img", disable=not progress, mininterval=2.0):
-            for sample in model.test_step(batch):
-                intersect, union, _, label = IoUMetric.intersect_and_union(
-                    sample.pred_sem_seg.data.squeeze(0), sample.gt_sem_seg.data.squeeze(0).to(sample.pred_sem_seg.data),
-                    len(classes), IGNORE_INDEX)
-                totals += np.stack([intersect.numpy(), union.numpy(), label.numpy()])
+    totals = np.zeros((3, len(classes)), np.float64)
+    for image_areas in predict_in_order(ranks, dataset, areas, collate, progress):
+        totals += image_areas
     with np.errstate(divide="ignore", invalid="ignore"):
         per_class = {name: (100 * float(i / u) if u > 0 else float("nan"))
                      for name, i, u in zip(classes, *totals[:2], strict=True)}

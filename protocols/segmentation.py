@@ -142,8 +142,8 @@ def run(subject: BackboneUnderTest, data: str | Path | list, cfg: SegmentationCo
                                  policy="poly", min_lr=cfg.min_lr)
     per_class: dict[str, float] = {}
 
-    def evaluate(model) -> dict[str, float]:
-        metrics, classes = mmseg_adapter.evaluate(model, test_set, progress)
+    def evaluate(model, ranks) -> dict[str, float]:
+        metrics, classes = mmseg_adapter.evaluate(model, test_set, ranks, progress)
         per_class.update(classes)
         return metrics
 
@@ -175,7 +175,7 @@ _SEG_HELP = ("FCN-D8 (plain 7x7-stem ResNet, output stride 8, aux head on res4) 
              "recorded. Without --data: the synthetic scenes with the small preset. Needs the OpenMMLab stack "
              "(README 'Dense protocols'). The same command resumes an interrupted run.")
 _COMMON = dict(config=SegmentationConfig, body=run, measurements=measurements, metrics=("mIoU",), needs="mmseg",
-               resumable=True)
+               resumable=True, torchrun=True)
 SEG_VOC_FCN = Protocol(
     name="seg_voc_fcn", summary="FCN-D8 on VOC12 aug, 512x512, 20k iterations: mIoU (spec §4.4)",
     description="--data VOCdevkit/VOC2012 with SegmentationClass and SegmentationClassAug plus "

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from baselines.distributed import Distributed
+
 MODES = ("finetune", "frozen")
 PRESETS = ("reference", "small")
 
@@ -247,16 +249,21 @@ class SeededSamples:
 
 
 def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batch_size: int, seed: int,
-          state_path: Path, digest: str, save_every: int = 50, workers: int = 0, progress: bool = True,
-          desc: str = "fine-tune") -> dict[str, Any]:
+          state_path: Path, digest: str, *, ranks: Distributed, save_every: int = 50, workers: int = 0,
+          progress: bool = True, desc: str = "fine-tune") -> dict[str, Any]:
     """Train `model` (an mmengine BaseModel: data_preprocessor + `loss`) for `schedule.iterations`.
 
-    State (model, optimizer, iteration, loss log) is saved atomically every `save_every` iterations
-    and at the end; a second call with the same `digest` resumes from it (a finished run returns at
-    once). Returns {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ...}.
+    `batch_size` is the total over the torchrun ranks: each rank trains on its share of every global batch
+    under DDP, and logs the loss averaged over them (one process's loss over the whole batch). State (model,
+    optimizer, iteration, loss log) is saved atomically by rank 0 every `save_every` iterations and at the
+    end; a second call with the same `digest` resumes from it (a finished run returns at once). Returns
+    {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ..., "images": this rank's, this call}.
     """
     import torch
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
+
+    from protocols.data_parallel import rank_share
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
@@ -272,48 +279,65 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
     resumed_from = start
     state_path.parent.mkdir(parents=True, exist_ok=True)
     if start >= schedule.iterations:
-        return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from}
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed), batch_sampler=infinite_batches(len(dataset), batch_size, seed, start),
-        collate_fn=collate, num_workers=workers)
+        return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": 0}
+    batches = rank_share(infinite_batches(len(dataset), batch_size, seed, start), ranks.rank, ranks.world_size)
+    loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), batch_sampler=batches, collate_fn=collate,
+                                         num_workers=workers)
+    # Frozen parameters (requires_grad False) are not DDP's: it averages the gradients of the trained ones only.
+    net = model if ranks.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
 
     def save(iteration: int) -> None:
-        atomic_torch_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "iteration": iteration, "losses": losses, "seconds": seconds}, state_path)
+        if ranks.is_main:
+            atomic_torch_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "iteration": iteration, "losses": losses, "seconds": seconds}, state_path)
 
     model.train()
-    bar = tqdm(total=schedule.iterations, initial=start, desc=desc, unit="it", disable=not progress,
+    bar = tqdm(total=schedule.iterations, initial=start, desc=desc, unit="it", disable=not (progress and ranks.is_main),
                mininterval=2.0, file=sys.stderr)
-    batches = iter(loader)
+    batches, images = iter(loader), 0
     with StopRequest() as stop:
         for iteration in range(start, schedule.iterations):
             tic = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(iteration)
             batch = next(batches)
-            seed_everything(derived_seed(seed, iteration, 2**31))  # RoI sampling, dropout: a function of the iteration
+            # RoI sampling, dropout: a function of the iteration, the same seed on every rank (mmengine's default)
+            seed_everything(derived_seed(seed, iteration, 2**31))
             data = model.data_preprocessor(batch, training=True)
-            loss_terms = model(**data, mode="loss")
+            images += len(data["data_samples"])
+            loss_terms = net(**data, mode="loss")
             loss, log = model.parse_losses(loss_terms)
-            if not math.isfinite(loss.item()):
+            total = ranks.all_mean(loss.detach().clone()).item()  # every rank sees a divergence at the same iteration
+            if not math.isfinite(total):
                 save(iteration)
-                raise DivergedError(f"{desc}: loss is {loss.item()} at iteration {iteration} "
+                raise DivergedError(f"{desc}: loss is {total} at iteration {iteration} "
                                          f"({', '.join(f'{k}={float(v):.3g}' for k, v in log.items())}); lower the LR")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append([iteration, round(loss.item(), 5)])
+            losses.append([iteration, round(total, 5)])
             seconds += time.perf_counter() - tic
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if (iteration + 1) % save_every == 0 or iteration + 1 == schedule.iterations or stop.requested:
+            bar.set_postfix(loss=f"{total:.3f}", refresh=False)
+            stopping = _any_rank(ranks, stop.requested)
+            if (iteration + 1) % save_every == 0 or iteration + 1 == schedule.iterations or stopping:
                 save(iteration + 1)
-            if stop.requested:
+            if stopping:
                 bar.close()
                 raise Interrupted(f"{desc}: interrupted after iteration {iteration + 1}; the state is in {state_path}: "
                                   "run the same command to resume")
     bar.close()
-    return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from}
+    return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": images}
+
+
+def _any_rank(ranks: Distributed, flag: bool) -> bool:
+    """True on every rank when it is true on any (a SIGTERM that reached one rank stops all at one iteration)."""
+    import torch
+
+    if ranks.world_size == 1:
+        return flag
+    return ranks.all_mean(torch.tensor([float(flag)], device=ranks.device)).item() > 0
 
 
 def _thin(losses: list[list[float]], keep: int = 200) -> list[list[float]]:
@@ -329,18 +353,32 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
                        reference: dict[str, Any], reference_label: str, build_model: Callable[[], nn.Module],
                        model_cfg: dict[str, Any], place: Callable[[str], str], owned: tuple[str, ...], train_set,
                        collate: Callable, schedule: Schedule, batch_size: int,
-                       evaluate: Callable[[nn.Module], dict[str, float]], dataset_info: dict[str, Any], work_dir: Path,
-                       device: str, seed: int, workers: int, save_every: int, progress: bool, frozen: bool,
-                       frozen_note: str):
-    """The shared body of both dense protocols: build, load loudly, check freezing, train (resumable), test."""
+                       evaluate: Callable[[nn.Module, Distributed], dict[str, float]], dataset_info: dict[str, Any],
+                       work_dir: Path, device: str, seed: int, workers: int, save_every: int, progress: bool,
+                       frozen: bool, frozen_note: str):
+    """The shared body of both dense protocols: build, load loudly, check freezing, train (resumable), test.
+
+    Under torchrun every rank runs it: the ranks first agree on the checkpoint and the run's settings, train
+    their shares of each batch under DDP with SyncBN, test their shares of the images, and all return the
+    same result (the caller stores rank 0's). `evaluate(model, ranks)` returns the metrics on every rank.
+    """
+    from protocols import data_parallel
     from protocols.result import ProtocolResult
 
     started = time.perf_counter()
-    noted = deviations(settings, reference, reference_label)
+    ranks = _ranks(device, batch_size)
+    if ranks.world_size > 1:
+        settings = {**settings, "norm": "SyncBN"}  # over all ranks' images, as the reference
+    with warnings.catch_warnings():
+        if not ranks.is_main:  # one copy of each deviation line, not one per rank
+            warnings.simplefilter("ignore", ProtocolDeviation)
+        noted = deviations(settings, reference, reference_label)
+    ranks.check_same(subject.info.get("sha256") or subject.cache_id, "checkpoints (sha256)")
     seed_everything(seed)
     model = build_model()
     weights = transfer_backbone_weights(model, subject.backbone.state_dict(), place, owned)
-    model.to(device)
+    parallel = data_parallel.for_ranks(model, ranks)
+    model.to(ranks.device)
     model.train()
     groups = parameter_groups(model)
     backbone = model.backbone
@@ -352,21 +390,55 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
     digest_values = {"protocol": protocol, "cfg": {k: v for k, v in cfg.items() if k not in runtime},
                      "weights": subject.cache_id, "data": dataset_info}
     digest = config_digest(digest_values)
+    ranks.check_same(digest, "settings or data (run digest)")
     build_seconds = time.perf_counter() - started
     log = train(model, train_set, collate, schedule, batch_size, seed, Path(work_dir) / "state.pt", digest,
-                save_every=save_every, workers=workers, progress=progress, desc=protocol)
+                ranks=ranks, save_every=save_every, workers=workers, progress=progress, desc=protocol)
+    if ranks.world_size > 1:
+        ranks.check_same(_weights_digest(model), "trained weights")  # what rank 0 saved is what every rank tests
+        parallel.update(per_rank_batch=batch_size // ranks.world_size,
+                        images_trained_per_rank=ranks.all_gather_object(log["images"]),
+                        evaluation="test images sharded over the ranks (rank r: r, r+N, ...), scored in image order")
     tic = time.perf_counter()
-    metrics = evaluate(model)
+    metrics = evaluate(model, ranks)
     test_seconds = time.perf_counter() - tic
+    ranks.close()
     details = {"weights": weights, "parameters": groups, "frozen": frozen_note if frozen else "nothing frozen",
                "deviations": noted, "reference": reference, "losses": _thin(log["losses"]),
                "resumed_from_iteration": log["resumed_from"], "work_dir": str(Path(work_dir).resolve()),
                "model": model_cfg}
+    if parallel:
+        details["distributed"] = parallel
     config = {**cfg, "settings": settings, "digest": digest}
     return ProtocolResult(protocol=protocol, metrics=metrics, config=config, dataset=dataset_info,
                           checkpoint=subject.info, details=details,
                           timings={"build": build_seconds, "train": log["seconds"], "test": test_seconds,
                                    "seconds_per_iteration": log["seconds"] / max(1, len(log["losses"]))})
+
+
+def _ranks(device: str, batch_size: int) -> Distributed:
+    """The torchrun process group (world size 1 without torchrun), after the one-line refusals; `Distributed`
+    refuses one GPU index for every rank."""
+    import os
+
+    from baselines.distributed import Distributed, TorchrunError
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world_size:
+        raise TorchrunError(f"the total batch of {batch_size} images does not split over {world_size} processes: "
+                            "it stays the reference's at any number of processes, so launch a number that divides it")
+    return Distributed(device)
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in state-dict order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def dense_readings(result, metrics: tuple[str, ...], reimplementations: Mapping[tuple[str, str], str]) -> list:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import with_random_statistics
 
+from baselines.distributed import TorchrunError
 from baselines.infra import Interrupted
 from protocols import transfer
 from protocols.common import backbone_under_test
@@ -253,3 +254,12 @@ def test_replicate_dense_stores_runs_judges_claims_and_resumes(voc_root, tmp_pat
     bench_log.clear()
     again = replicate_dense(cfg)
     assert again["batch"] == outcome["batch"] and bench_log.text.count("already stored") == 24
+
+
+def test_torchrun_launches_that_cannot_split_the_batch_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(TorchrunError, match="the total batch of 16 images does not split over 3 processes"):
+        transfer._ranks("cpu", 16)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TorchrunError, match="cuda:1 under torchrun"):
+        transfer._ranks("cuda:1", 16)

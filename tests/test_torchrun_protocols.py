@@ -206,18 +206,28 @@ def test_batch_that_does_not_split_over_the_ranks_is_one_line():
         linear.check_ranks(cfg, 25, 4)  # one image for four ranks
 
 
-def test_global_batch_norm_is_batch_norm_over_the_whole_batch():
-    """With the sums of every rank (here: one), the head's BN equals BatchNorm2d, running statistics included."""
+def test_cross_rank_batch_norm_is_batch_norm_over_the_whole_batch(monkeypatch):
+    """The heads' SyncBN on the CPU: with the sums of every rank (here one rank, all_reduce the identity) it
+    equals BatchNorm2d in output, gradient and running statistics; in eval it is BatchNorm2d."""
+    from protocols import data_parallel
+
     torch.manual_seed(0)
     reference = nn.BatchNorm2d(16, affine=False, momentum=0.1)
-    norm = linear.GlobalBatchNorm2d(16, Distributed("cpu"))
+    norm = nn.Sequential(nn.BatchNorm2d(16, affine=False, momentum=0.1))
+    assert data_parallel.to_sync_batchnorm(norm, "cpu") == 1
+    assert isinstance(norm[0], data_parallel.CrossRankBatchNorm)
+    monkeypatch.setattr(data_parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(data_parallel.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(data_parallel.dist, "all_reduce", lambda tensor: None)
     for _ in range(3):
-        x = torch.randn(8, 16, 3, 3) * 3 + 1
-        assert torch.allclose(norm(x), reference(x), atol=1e-5)
+        x = (torch.randn(8, 16, 3, 3) * 3 + 1).requires_grad_()
+        ours, theirs = norm(x), reference(x)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        weights = torch.randn_like(ours)
+        assert torch.allclose(*(torch.autograd.grad((out * weights).sum(), x)[0] for out in (ours, theirs)),
+                              atol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(norm, name).double(), getattr(reference, name).double(), atol=1e-6), name
-    with pytest.raises(RuntimeError, match="no gradient"):
-        norm(torch.randn(4, 16, 3, 3, requires_grad=True))
+        assert torch.allclose(getattr(norm[0], name).double(), getattr(reference, name).double(), atol=1e-6), name
     norm.eval()
     reference.eval()
     x = torch.randn(4, 16, 3, 3)

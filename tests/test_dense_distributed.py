@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, with_random_statistics
+from conftest import REPO
 
 pytest.importorskip("mmcv.ops", reason="the OpenMMLab stack is not installed (tox -e dense)")
 pytest.importorskip("mmdet")
@@ -42,7 +42,6 @@ from replication import cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs each; ~1-4 min on 2 cores, by load
 
-ARCH = "resnet18"
 BATCH = 4
 FCN = dict(iterations=3, crop_size=48, scale="128,48")
 C4 = dict(iterations=2, mode="frozen", warmup_iters=0, steps="100", train_short_sides="48", max_size=48,
@@ -50,14 +49,8 @@ C4 = dict(iterations=2, mode="frozen", warmup_iters=0, steps="100", train_short_
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from baselines.backbone import create_backbone
-
-    torch.manual_seed(0)
-    backbone = with_random_statistics(create_backbone(ARCH), seed=3)
-    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
-    torch.save({"state_dict": backbone.state_dict(), "author": "densecl-bench", "meta": {"arch": ARCH}}, path)
-    return path
+def checkpoint(random_bn_checkpoint) -> Path:
+    return random_bn_checkpoint
 
 
 def _argv(protocol: str, checkpoint: Path, data: Path, out: Path, settings: dict) -> list[str]:

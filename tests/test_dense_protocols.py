@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import with_random_statistics
 
 from baselines.distributed import TorchrunError
 from baselines.infra import Interrupted
@@ -26,22 +25,14 @@ pytest.importorskip("mmseg")
 from protocols import detection, mmdet_adapter, mmseg_adapter, segmentation
 from replication import cli
 
-ARCH = "resnet18"
 TINY_DET = dict(iterations=3, batch_size=2, warmup_iters=1, steps=(2,), train_short_sides=(64,), max_size=128,
                 test_short_side=64, rois_per_image=8, test_proposals=20, save_every=1)
 TINY_SEG = dict(iterations=3, batch_size=2, crop_size=48, scale=(128, 48), save_every=1)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A resnet18 backbone file with random BN statistics: a dropped or misplaced tensor shows."""
-    from baselines.backbone import create_backbone
-
-    torch.manual_seed(0)
-    backbone = with_random_statistics(create_backbone(ARCH), seed=3)
-    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
-    torch.save({"state_dict": backbone.state_dict(), "author": "densecl-bench", "meta": {"arch": ARCH}}, path)
-    return path
+def checkpoint(random_bn_checkpoint) -> Path:
+    return random_bn_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -139,18 +139,25 @@ def _print_outcome(pipeline: str, outcome: dict, results: str) -> None:
           f"[{pipeline}] plots:    {report.parent / 'plots'}")
 
 
-def cmd_replicate_dense(args: argparse.Namespace) -> int:
-    from replication.pipelines import replicate_dense, replicate_dense_config
+def replicate_dense_config_from(args: argparse.Namespace):
+    """The replicate-dense pipeline config of parsed `replicate dense` arguments."""
+    from replication.pipelines import replicate_dense_config
 
     checkpoints = _given_checkpoints(args)
-    cfg = replicate_dense_config(
+    return replicate_dense_config(
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), modes=tuple(args.modes), det_iterations=args.det_iterations,
-        seg_iterations=args.seg_iterations,
+        seg_iterations=args.seg_iterations, epochs=args.epochs,
         data=_pairs(args.data, "--data", "TASK=ROOT (e.g. voc-fcn=VOCdevkit/VOC2012)"),
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
         workers=args.workers, device=args.device, runs=args.runs, pretrain_runs=args.pretrain_runs,
         results=args.results, progress=args.progress, preset=args.preset, pretrain_size=args.pretrain_size,
         require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline, threads=args.threads)
+
+
+def cmd_replicate_dense(args: argparse.Namespace) -> int:
+    from replication.pipelines import replicate_dense
+
+    cfg = replicate_dense_config_from(args)
     _print_outcome("replicate-dense", replicate_dense(cfg, _launcher(args)), cfg.results)
     return 0
 
@@ -214,6 +221,9 @@ def _small_scale_arguments(parser: argparse.ArgumentParser, random_baseline: boo
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"small-scale pretraining preset, a name in baselines/configs or a YAML file "
                         f"(default: {DEFAULT_PRESET}; small_cpu is the tiny 2x2-grid one CI uses)")
+    parser.add_argument("--epochs", type=int,
+                        help="pretraining epochs (default: the preset's); give another --runs/--pretrain-runs per "
+                        "epoch count, since a finished run is never resumed with other settings")
     parser.add_argument("--pretrain-size", type=int, default=PRETRAIN_DATA["size"],
                         help=f"side of the synthetic pretraining images (default: {PRETRAIN_DATA['size']})")
     parser.add_argument("--require-paper-grid", action="store_true",
@@ -310,7 +320,6 @@ def _add_replicate(commands, summary: str) -> None:
     )
     voc.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                      help=f"paired pretraining seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
-    voc.add_argument("--epochs", type=int, help="pretraining epochs (default: the preset's)")
     voc.add_argument("--samples", type=int, help="low-shot samples per k (default: 5)")
     voc.add_argument("--svm-layers", type=_layer_list, help="SVM layers, comma list or 'all' (default: feature5)")
     voc.add_argument("--voc-root", help="real VOCdevkit/VOC2007 (default: $VOC_ROOT, else synthetic)")

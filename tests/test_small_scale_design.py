@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -64,6 +65,23 @@ def test_one_seed_gives_both_methods_the_same_start_and_the_same_views(pretrain_
 def test_pipeline_needs_two_paired_seeds():
     with pytest.raises(configs.ConfigError, match="at least 2 paired seeds"):
         ReplicateVOCConfig(seeds=(0,)).validate()
+
+
+@pytest.mark.parametrize("pipeline", ["voc", "dense"])
+def test_both_pipelines_pretrain_for_the_epochs_asked(pipeline, tmp_path):
+    """`replicate dense --epochs` must reach the pretraining it reuses or runs, as `replicate voc --epochs` does
+    (designs D5/D6 in docs/small-scale-design.md): otherwise the dense claims would be judged on checkpoints
+    labelled, or trained, with the preset's epochs."""
+    from replication import cli
+    from replication.pipelines import Job, pretraining_config, replicate_voc_config
+
+    args = cli.build_parser().parse_args(["replicate", pipeline, "--epochs", "20", "--pretrain-size", "64"])
+    cfg = cli.replicate_dense_config_from(args) if pipeline == "dense" else replicate_voc_config(
+        epochs=args.epochs, pretrain_size=args.pretrain_size)
+    resolved = pretraining_config(Job("densecl", 3), cfg, str(tmp_path))
+    assert (resolved.epochs, resolved.seed, resolved.method) == (20, 3, "densecl")
+    default = pretraining_config(Job("densecl", 3), dataclasses.replace(cfg, epochs=0), str(tmp_path))
+    assert default.epochs == configs.resolve(PretrainConfig, cfg.preset, {"data": "-", "out": "-"}).epochs != 20
 
 
 def test_learning_summary_compares_with_chance(tmp_path):

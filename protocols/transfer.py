@@ -257,17 +257,18 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
     under DDP, and logs the loss averaged over them (one process's loss over the whole batch). State (model,
     optimizer, iteration, loss log) is saved atomically by rank 0 every `save_every` iterations and at the
     end; a second call with the same `digest` resumes from it (a finished run returns at once). Returns
-    {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ..., "images": this rank's, this call}.
+    {"losses": [[iteration, total], ...], "seconds": ..., "resumed_from": ..., "images": this rank's, this call,
+    "samples_checksum": this rank's `data_parallel.samples_checksum` over every iteration, resumed ones included}.
     """
     import torch
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
-    from protocols.data_parallel import rank_share
+    from protocols.data_parallel import CHECKSUM_MODULUS, rank_share, samples_checksum
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-    start, losses, seconds = 0, [], 0.0
+    start, losses, seconds, checksum = 0, [], 0.0, 0
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("digest") != digest:
@@ -276,10 +277,12 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses, seconds = state["iteration"], state["losses"], state["seconds"]
+        checksum = state.get("samples_checksum")  # None: saved before the checksum was kept
     resumed_from = start
     state_path.parent.mkdir(parents=True, exist_ok=True)
     if start >= schedule.iterations:
-        return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": 0}
+        return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": 0,
+                "samples_checksum": checksum}
     batches = rank_share(infinite_batches(len(dataset), batch_size, seed, start), ranks.rank, ranks.world_size)
     loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), batch_sampler=batches, collate_fn=collate,
                                          num_workers=workers)
@@ -290,7 +293,8 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
     def save(iteration: int) -> None:
         if ranks.is_main:
             atomic_torch_save({"digest": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "iteration": iteration, "losses": losses, "seconds": seconds}, state_path)
+                               "iteration": iteration, "losses": losses, "seconds": seconds,
+                               "samples_checksum": checksum}, state_path)
 
     model.train()
     bar = tqdm(total=schedule.iterations, initial=start, desc=desc, unit="it", disable=not (progress and ranks.is_main),
@@ -316,6 +320,8 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if checksum is not None:  # after the step: a diverged iteration, saved undone, is not counted
+                checksum = (checksum + samples_checksum(iteration, data["data_samples"])) % CHECKSUM_MODULUS
             losses.append([iteration, round(total, 5)])
             seconds += time.perf_counter() - tic
             bar.update(1)
@@ -328,7 +334,8 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
                 raise Interrupted(f"{desc}: interrupted after iteration {iteration + 1}; the state is in {state_path}: "
                                   "run the same command to resume")
     bar.close()
-    return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": images}
+    return {"losses": losses, "seconds": seconds, "resumed_from": resumed_from, "images": images,
+            "samples_checksum": checksum}
 
 
 def _any_rank(ranks: Distributed, flag: bool) -> bool:
@@ -394,6 +401,8 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
     build_seconds = time.perf_counter() - started
     log = train(model, train_set, collate, schedule, batch_size, seed, Path(work_dir) / "state.pt", digest,
                 ranks=ranks, save_every=save_every, workers=workers, progress=progress, desc=protocol)
+    checksums = ranks.all_gather_object(log["samples_checksum"])
+    trained = None if None in checksums else f"{sum(checksums) % data_parallel.CHECKSUM_MODULUS:016x}"
     if ranks.world_size > 1:
         ranks.check_same(_weights_digest(model), "trained weights")  # what rank 0 saved is what every rank tests
         parallel.update(per_rank_batch=batch_size // ranks.world_size,
@@ -406,6 +415,8 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
     details = {"weights": weights, "parameters": groups, "frozen": frozen_note if frozen else "nothing frozen",
                "deviations": noted, "reference": reference, "losses": _thin(log["losses"]),
                "resumed_from_iteration": log["resumed_from"], "work_dir": str(Path(work_dir).resolve()),
+               # the (iteration, image) pairs trained on, over all ranks: one process's at any N (issue 13)
+               "trained_samples_checksum": trained,
                "model": model_cfg}
     if parallel:
         details["distributed"] = parallel

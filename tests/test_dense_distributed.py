@@ -2,11 +2,14 @@
 
 Both runs use one intra-op thread (as each torchrun rank does with OMP_NUM_THREADS=1): summation order
 alone moves CPU convolutions by ~1e-7 per step. The tolerances below were measured on this 2-core machine
-(issue 13); the breaks tried once, by editing the code (FCN fails each; for C4 see below):
+(issue 13); the breaks tried once, by editing the code (each fails both tests):
   A. every rank trains on the whole global batch  -> numerically equal to one process (SyncBN over a
      duplicated batch has the same statistics), caught by `images_trained_per_rank`;
-  B. every rank trains on rank 0's share          -> FCN weights off by 1e-2, C4 head by 9e-4;
+  B. every rank trains on rank 0's share          -> FCN weights off by 1e-2, C4 head by 9e-4 (within C4's
+     tolerance, see below), caught by `trained_samples_checksum`;
   C. the LR multiplied by the number of ranks     -> FCN weights off by 1e-2, C4 head by 1.2e-2.
+`trained_samples_checksum` is an order-free checksum of the (iteration, image file) pairs the model was fed,
+summed over the ranks: it must equal one process's.
 
 FCN is equal to one process up to float summation order: SyncBN statistics over both ranks, dropout masks
 drawn for the global batch. Measured (this session, issue 13): after 3 iterations the weights differ by 1.2e-5
@@ -18,8 +21,8 @@ own number of samples, as the reference's 8 GPUs do. The test removes the other 
 padded to one size (max_size = short side) and RoI/anchor quotas above the candidates, so no sampling is
 random (random sampling draws image after image from one stream and differs at any N > 1). What remains was
 measured at 1.1e-3 on the trained parameters (one process at 2 threads: 6e-8) and 1e-2 on the first loss;
-the trained res5 BN's running variances (up to 2.8e-2) are left out. So break C is caught, break B (9e-4)
-is not: C4's check is the per-rank image count and that the LR is not scaled.
+the trained res5 BN's running variances (up to 2.8e-2) are left out. So the weights catch break C, and
+break B (9e-4) is caught by the checksum of the images each rank trained on.
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
                if buffers or not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
-def _check_sharding(result: dict, iterations: int) -> None:
+def _check_sharding(result: dict, single: dict, iterations: int) -> None:
     parallel = result["details"]["distributed"]
+    assert result["details"]["trained_samples_checksum"] == single["details"]["trained_samples_checksum"] is not None
     assert parallel["world_size"] == 2 and parallel["per_rank_batch"] == BATCH // 2
     assert parallel["images_trained_per_rank"] == [iterations * BATCH // 2] * 2  # each rank its half, no more
     assert parallel["sync_bn_layers"] > 0
@@ -110,7 +114,7 @@ def test_fcn_on_two_ranks_equals_one_process(checkpoint, voc_root, tmp_path):
     assert difference < 1e-3, where  # measured 1.4e-4 (as 2 threads vs 1); breaks B and C: ~1e-2
     assert [loss for _, loss in two["losses"]] == pytest.approx([loss for _, loss in one["losses"]], abs=1e-4)
     assert ranks["metrics"] == pytest.approx(single["metrics"], abs=1e-6)  # measured: identical
-    _check_sharding(ranks, FCN["iterations"])
+    _check_sharding(ranks, single, FCN["iterations"])
     assert ranks["details"]["distributed"]["global_batch_dropout_layers"] == 2  # decode and auxiliary heads
     assert any(line.startswith("norm: 'BN (one device)'") for line in single["details"]["deviations"])
 
@@ -132,7 +136,7 @@ def test_frozen_c4_on_two_ranks_matches_one_process(checkpoint, voc_root, tmp_pa
     assert difference < 5e-3, where  # measured 1.1e-3 (rank-local loss normalisers); break C 1.2e-2
     assert [loss for _, loss in two["losses"]] == pytest.approx([loss for _, loss in one["losses"]], abs=2e-2)
     assert ranks["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
-    _check_sharding(ranks, C4["iterations"])
+    _check_sharding(ranks, single, C4["iterations"])
     source = torch.load(checkpoint, weights_only=True)["state_dict"]
     for key, value in source.items():  # frozen under DDP: stem..res4 weights and BN statistics untouched
         if not key.startswith(("layer4.", "fc.")):

@@ -128,7 +128,7 @@ def test_voc_c4_frozen_keeps_the_body_and_trains_the_res5_head(subject, voc_root
 
 def test_interrupted_training_resumes_exactly(subject, voc_root, tmp_path, monkeypatch):
     cfg = detection.make_config("voc-c4", "small", **dict(TINY_DET, iterations=4))
-    _quiet(detection.run, subject, [voc_root], cfg, work_dir=tmp_path / "straight", progress=False)
+    uninterrupted = _quiet(detection.run, subject, [voc_root], cfg, work_dir=tmp_path / "straight", progress=False)
     straight = _saved_model(tmp_path / "straight")
 
     real_lr_at = transfer.Schedule.lr_at
@@ -144,6 +144,8 @@ def test_interrupted_training_resumes_exactly(subject, voc_root, tmp_path, monke
     monkeypatch.setattr(transfer.Schedule, "lr_at", real_lr_at)
     result = _quiet(detection.run, subject, [voc_root], cfg, work_dir=tmp_path / "resumed", progress=False)
     assert result.details["resumed_from_iteration"] == 2
+    # the resumed run trained on the same (iteration, image) pairs: the checksum survives the saved state
+    assert result.details["trained_samples_checksum"] == uninterrupted.details["trained_samples_checksum"] is not None
     resumed = _saved_model(tmp_path / "resumed")
     assert resumed.keys() == straight.keys()
     for key in straight:

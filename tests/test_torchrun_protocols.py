@@ -6,6 +6,9 @@ and FAISS's BLAS sum in another order with more threads, which alone changes the
 
 - Features and k-NN are bit-identical by construction: the one-process batches (and k-NN query units) are dealt
   out whole to the ranks and gathered back in order, so the cached `.npy` files must match byte for byte.
+  Broken once each, by editing the code: every rank extracting rank 0's batches fails the k-NN test (metrics
+  68.97 against 100.0 top-5), and every rank searching rank 0's query units fails it too (the gathered units
+  no longer cover the queries).
 - The linear probe trains the same heads on the same batches with DDP and SyncBN over the ranks
   (`protocols.data_parallel`), which sums in another order: measured here, after 8 steps, heads within 3e-8
   (relative 4e-7), BN running variances within relative 1.1e-7 and epoch losses within 2e-6 (with the

@@ -39,19 +39,19 @@ def rank_share(batches: Iterable[list[Any]], rank: int, world_size: int) -> Iter
         yield batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-CHECKSUM_MODULUS = 2**64
+def combined_checksum(checksums: Iterable[int]) -> int:
+    """Checksums of disjoint parts (iterations, ranks) combined into the whole's: their sum mod 2^64."""
+    return sum(checksums) % 2**64
 
 
 def samples_checksum(iteration: int, data_samples: Iterable[Any]) -> int:
-    """An order-free checksum of the (iteration, image file) pairs of one rank's batch. Summed over the ranks and
+    """An order-free checksum of the (iteration, image file) pairs of one rank's batch. Combined over the ranks and
     the iterations it equals one process's at any N, and it changes when a rank trains on another rank's share:
     a sharding break that C4's weights cannot show, since its rank-local loss normalisers move them as much."""
-    total = 0
-    for sample in data_samples:
-        name = PurePath(str(sample.metainfo.get("img_path") or sample.metainfo.get("img_id"))).name
-        digest = hashlib.blake2b(f"{iteration}:{name}".encode(), digest_size=8).digest()
-        total += int.from_bytes(digest, "little")
-    return total % CHECKSUM_MODULUS
+    names = (PurePath(str(s.metainfo.get("img_path") or s.metainfo.get("img_id"))).name for s in data_samples)
+    return combined_checksum(
+        int.from_bytes(hashlib.blake2b(f"{iteration}:{name}".encode(), digest_size=8).digest(), "little")
+        for name in names)
 
 
 class _SumOverRanks(torch.autograd.Function):

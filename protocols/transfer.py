@@ -264,7 +264,7 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
-    from protocols.data_parallel import CHECKSUM_MODULUS, rank_share, samples_checksum
+    from protocols.data_parallel import combined_checksum, rank_share, samples_checksum
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
@@ -321,7 +321,7 @@ def train(model: nn.Module, dataset, collate: Callable, schedule: Schedule, batc
             loss.backward()
             optimizer.step()
             if checksum is not None:  # after the step: a diverged iteration, saved undone, is not counted
-                checksum = (checksum + samples_checksum(iteration, data["data_samples"])) % CHECKSUM_MODULUS
+                checksum = combined_checksum([checksum, samples_checksum(iteration, data["data_samples"])])
             losses.append([iteration, round(total, 5)])
             seconds += time.perf_counter() - tic
             bar.update(1)
@@ -402,7 +402,7 @@ def fine_tune_and_test(*, protocol: str, subject, cfg: dict[str, Any], settings:
     log = train(model, train_set, collate, schedule, batch_size, seed, Path(work_dir) / "state.pt", digest,
                 ranks=ranks, save_every=save_every, workers=workers, progress=progress, desc=protocol)
     checksums = ranks.all_gather_object(log["samples_checksum"])
-    trained = None if None in checksums else f"{sum(checksums) % data_parallel.CHECKSUM_MODULUS:016x}"
+    trained = None if None in checksums else f"{data_parallel.combined_checksum(checksums):016x}"
     if ranks.world_size > 1:
         ranks.check_same(_weights_digest(model), "trained weights")  # what rank 0 saved is what every rank tests
         parallel.update(per_rank_batch=batch_size // ranks.world_size,

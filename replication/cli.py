@@ -98,11 +98,12 @@ def _given_checkpoints(args: argparse.Namespace) -> dict[str, str]:
     return checkpoints
 
 
-def cmd_replicate_voc(args: argparse.Namespace) -> int:
-    from replication.pipelines import replicate_voc, replicate_voc_config
+def replicate_voc_config_from(args: argparse.Namespace):
+    """The replicate-voc pipeline config of parsed `replicate voc` arguments."""
+    from replication.pipelines import replicate_voc_config
 
     checkpoints = _given_checkpoints(args)
-    cfg = replicate_voc_config(
+    return replicate_voc_config(
         seeds=tuple(args.seeds), epochs=args.epochs, voc_root=args.voc_root or os.environ.get("VOC_ROOT") or None,
         checkpoints=checkpoints, arch=args.arch, pretrain_data=args.pretrain_data, pretrain_epochs=args.pretrain_epochs,
         workers=args.workers, device=args.device, runs=args.runs, results=args.results, progress=args.progress,
@@ -110,6 +111,12 @@ def cmd_replicate_voc(args: argparse.Namespace) -> int:
         require_paper_grid=args.require_paper_grid, random_baseline=args.random_baseline, dense_probe=args.dense_probe,
         solver=args.solver, threads=args.threads,
     )
+
+
+def cmd_replicate_voc(args: argparse.Namespace) -> int:
+    from replication.pipelines import replicate_voc
+
+    cfg = replicate_voc_config_from(args)
     _print_outcome("replicate-voc", replicate_voc(cfg, _launcher(args)), cfg.results)
     return 0
 

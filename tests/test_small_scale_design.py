@@ -73,11 +73,10 @@ def test_both_pipelines_pretrain_for_the_epochs_asked(pipeline, tmp_path):
     (designs D5/D6 in docs/small-scale-design.md): otherwise the dense claims would be judged on checkpoints
     labelled, or trained, with the preset's epochs."""
     from replication import cli
-    from replication.pipelines import Job, pretraining_config, replicate_voc_config
+    from replication.pipelines import Job, pretraining_config
 
     args = cli.build_parser().parse_args(["replicate", pipeline, "--epochs", "20", "--pretrain-size", "64"])
-    cfg = cli.replicate_dense_config_from(args) if pipeline == "dense" else replicate_voc_config(
-        epochs=args.epochs, pretrain_size=args.pretrain_size)
+    cfg = (cli.replicate_dense_config_from if pipeline == "dense" else cli.replicate_voc_config_from)(args)
     resolved = pretraining_config(Job("densecl", 3), cfg, str(tmp_path))
     assert (resolved.epochs, resolved.seed, resolved.method) == (20, 3, "densecl")
     default = pretraining_config(Job("densecl", 3), dataclasses.replace(cfg, epochs=0), str(tmp_path))

@@ -6,7 +6,9 @@ this module stay importable without them (`densecl-bench eval ... --help`).
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,3 +129,13 @@ def run_scale(synthetic_data: bool, pretraining: dict[str, Any], preset: str | N
     if synthetic_data or pretrained_on.startswith("synthetic") or preset == "small":
         return "small"
     return "paper"
+
+
+def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
+    """The reference's LR steps at the same fractions of a shorter/longer run (30/90 and 60/90 of E).
+
+    Rounded half up, at least epoch 1; a step at or after the last epoch never fires and is dropped.
+    Steps that collide (tiny E) are kept, so the LR still ends 100x lower.
+    """
+    scaled = (max(1, math.floor(m * epochs / reference_epochs + 0.5)) for m in reference)
+    return tuple(m for m in scaled if m < epochs)

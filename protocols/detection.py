@@ -24,7 +24,7 @@ from typing import Any
 
 from baselines.config import ConfigError, option
 from protocols import transfer
-from protocols.common import BackboneUnderTest, resolve_device
+from protocols.common import BackboneUnderTest, resolve_device, scale_milestones
 from protocols.registry import Protocol, Reading
 from protocols.result import ProtocolResult
 
@@ -35,7 +35,7 @@ MODES, PRESETS = transfer.MODES, transfer.PRESETS
 @dataclass
 class DetectionConfig(transfer.TransferSettings):
     task: str = option("voc-c4", "voc-c4 (Faster R-CNN C4, VOC) or coco-fpn (Mask R-CNN FPN, COCO)", choices=TASKS)
-    iterations: int = option(24000, "training iterations")
+    iterations: int = option(24000, "training iterations (without --steps, the LR steps keep their fractions of it)")
     batch_size: int = option(16, "images per iteration over all devices (the reference: 2 per GPU x 8 GPUs)")
     lr: float = option(0.02, "base learning rate")
     weight_decay: float = option(1e-4, "weight decay")
@@ -75,7 +75,16 @@ SMALL = {"voc-c4": dict(_SMALL_COMMON), "coco-fpn": dict(_SMALL_COMMON, rois_per
 
 
 def make_config(task: str = "voc-c4", preset: str = "reference", **overrides: Any) -> DetectionConfig:
-    """The reference protocol of `task`, scaled down by the `small` preset, then `overrides` (None ignored)."""
+    """The reference protocol of `task`, scaled down by the `small` preset, then `overrides` (None ignored).
+
+    Iterations given without steps keep the preset's steps at the same fractions of the run (the small
+    preset's 150 and 185 of 200 become 90 and 111 of 120): fixed steps past a shorter run's end would
+    never decay the LR.
+    """
+    if overrides.get("iterations") is not None and overrides.get("steps") is None:
+        preset_cfg = transfer.make_task_config(DetectionConfig, REFERENCE, SMALL, task, preset, {})
+        overrides = dict(overrides, steps=scale_milestones(preset_cfg.steps, preset_cfg.iterations,
+                                                           int(overrides["iterations"])))
     return transfer.make_task_config(DetectionConfig, REFERENCE, SMALL, task, preset, overrides)
 
 

@@ -40,7 +40,7 @@ from baselines.config import ConfigError
 from baselines.data import load_rgb
 from baselines.distributed import Distributed
 from baselines.infra import Interrupted, StopRequest, atomic_torch_save, derived_seed, seed_everything
-from protocols.common import resolve_device
+from protocols.common import resolve_device, scale_milestones
 from protocols.data_parallel import to_sync_batchnorm
 from protocols.datasets.classification import (
     ClassificationSplit,
@@ -70,16 +70,6 @@ STATE_VERSION = 1
 # Fields that change the numbers: a resumed run must agree on all of them.
 RESULT_FIELDS = ("variant", "probe_epochs", "milestones", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
                  "image_size", "layers", "train_split", "test_split", "seed")
-
-
-def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
-    """The reference's LR steps at the same fractions of a shorter/longer run (30/90 and 60/90 of E).
-
-    Rounded half up, at least epoch 1; a step at or after the last epoch never fires and is dropped.
-    Steps that collide (tiny E) are kept, so the LR still ends 100x lower.
-    """
-    scaled = (max(1, math.floor(m * epochs / reference_epochs + 0.5)) for m in reference)
-    return tuple(m for m in scaled if m < epochs)
 
 
 def lr_at(epoch: int, base_lr: float, milestones: Sequence[int], gamma: float = 0.1) -> float:

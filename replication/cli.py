@@ -362,7 +362,8 @@ def _add_replicate(commands, summary: str) -> None:
     dense.add_argument("--tasks", nargs="+", default=["voc-c4", "voc-fcn"],
                        choices=("voc-c4", "coco-fpn", "voc-fcn", "cityscapes-fcn"), help="default: voc-c4 voc-fcn")
     dense.add_argument("--modes", nargs="+", default=["finetune", "frozen"], choices=("finetune", "frozen"))
-    dense.add_argument("--det-iterations", type=int, help="small-scale detection iterations (default: 120)")
+    dense.add_argument("--det-iterations", type=int,
+                       help="small-scale detection iterations (default: 120; the LR steps keep their fractions of it)")
     dense.add_argument("--seg-iterations", type=int, help="small-scale segmentation iterations (default: 150)")
     dense.add_argument("--data", action="append", metavar="TASK=ROOT",
                        help="real dataset per task (voc-c4=VOC2007,VOC2012 for 07+12; coco-fpn=coco; ...)")

@@ -14,7 +14,8 @@ from torch import nn
 from baselines.backbone import create_backbone
 from baselines.infra import Interrupted
 from protocols import linear
-from protocols.linear import Lighting, LinearConfig, build_heads, head_dims, lr_at, resolve_config, scale_milestones
+from protocols.common import scale_milestones
+from protocols.linear import Lighting, LinearConfig, build_heads, head_dims, lr_at, resolve_config
 
 SMALL = {"image_size": 64, "probe_epochs": 4, "batch_size": 8, "lr": 0.003, "workers": 0, "device": "cpu"}
 

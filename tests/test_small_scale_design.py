@@ -148,3 +148,21 @@ def test_tiny_pretraining_log_feeds_the_learning_summary(pretrain_images, tmp_pa
     pretrain(cfg)
     summary = learning_summary(tmp_path / "run" / "log.jsonl", cfg.queue_size)
     assert set(summary) >= {"first_loss_global", "last_loss_global", "chance_loss", "learned"}
+
+
+def test_dense_pipeline_detection_decays_its_lr_within_its_iterations():
+    """replicate-dense runs C4 for 120 iterations; the `small` preset's LR steps (150, 185 of 200) must move with
+    the run, or the LR never decays (as in batch 20261202T033948Z-1e60fe). Steps given explicitly stay as given."""
+    from protocols.registry import get_protocol
+    from protocols.transfer import Schedule
+    from replication.pipelines import SMALL_DENSE_ITERATIONS
+
+    protocol = get_protocol("det_voc_c4")
+    iterations = SMALL_DENSE_ITERATIONS["det"]
+    cfg = protocol.make_config({"iterations": iterations, "preset": "small"}, synthetic=True)
+    assert cfg.steps == (90, 111)
+    schedule = Schedule(iterations=cfg.iterations, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps)
+    assert schedule.lr_at(iterations - 1) == pytest.approx(cfg.lr * 0.01)
+    assert protocol.make_config({"preset": "small"}, synthetic=True).steps == (150, 185)
+    assert protocol.make_config({"iterations": 60, "steps": (50,), "preset": "small"}, synthetic=True).steps == (50,)
+    assert protocol.make_config({"iterations": 12000}, synthetic=False).steps == (9000, 11000)

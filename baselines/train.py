@@ -400,6 +400,7 @@ class Trainer:
                          f"iteration {self.position.iteration}")
             LOG.info("%s: %s %s, %d images, %d it/epoch, %d process(es) on %s, out %s", where, cfg.method, cfg.arch,
                      len(self.files), iters, self.dist.world_size, self.dist.device, self.out)
+        trains = self.position.epoch < cfg.epochs
         with StopRequest() as stop:
             while self.position.epoch < cfg.epochs:
                 self._train_epoch(stop)
@@ -413,6 +414,12 @@ class Trainer:
                                      "command with --resume auto"):
                 atomic_write_text(listing, "".join(self.files[i] + "\n" for i in sorted(bad)))
             LOG.warning("skipped %d unreadable image(s), listed in %s", len(bad), listing)
+        exported = self.out / "backbone.pth"
+        if not trains and exported.is_file():
+            # A finished run reused (the pipelines do so for every batch) keeps its file byte for byte: results
+            # and resumable dense runs name it by sha256, and a re-export would change its provenance bytes.
+            self.dist.barrier()
+            return exported
         return self.export_backbone()
 
     def _train_epoch(self, stop: StopRequest) -> None:

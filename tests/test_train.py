@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import signal
@@ -100,6 +101,17 @@ def test_kill_then_resume_is_bit_identical(reference_run, pretrain_images, tmp_p
     assert final_state(out)["position"]["epoch"] == 1
     pretrain(tiny_config(pretrain_images, out, resume="auto", bn_group_size=4))
     assert_same_weights(final_state(out), final_state(reference_run[0]))
+
+
+def test_reusing_a_finished_run_keeps_its_backbone_file(reference_run, pretrain_images):
+    """Every pipeline batch that reuses a finished pretraining calls pretrain(); its backbone.pth must keep its
+    bytes, or the sha256 that earlier results and resumable dense runs recorded stops matching (found when an
+    interrupted C4 run refused to resume after another batch had reused its checkpoints)."""
+    out, backbone_path = reference_run
+    before = hashlib.sha256(backbone_path.read_bytes()).hexdigest(), backbone_path.stat().st_ino
+    assert pretrain(tiny_config(pretrain_images, out, resume="auto", bn_group_size=4)) == backbone_path
+    # the inode too: an atomic re-export replaces the file, even where its provenance bytes come out the same
+    assert (hashlib.sha256(backbone_path.read_bytes()).hexdigest(), backbone_path.stat().st_ino) == before
 
 
 def test_resume_refuses_changed_settings_and_existing_runs(reference_run, pretrain_images):

@@ -132,10 +132,11 @@ def run_scale(synthetic_data: bool, pretraining: dict[str, Any], preset: str | N
 
 
 def scale_milestones(reference: Sequence[int], reference_epochs: int, epochs: int) -> tuple[int, ...]:
-    """The reference's LR steps at the same fractions of a shorter/longer run (30/90 and 60/90 of E).
+    """The reference's LR steps at the same fractions of a shorter/longer run, in epochs (the linear probe's
+    30/90 and 60/90 of E) or iterations (detection's 150/200 and 185/200).
 
-    Rounded half up, at least epoch 1; a step at or after the last epoch never fires and is dropped.
-    Steps that collide (tiny E) are kept, so the LR still ends 100x lower.
+    Rounded half up, at least 1; a step at or after the run's end never fires and is dropped.
+    Steps that collide (tiny runs) are kept, so the LR still ends 100x lower.
     """
     scaled = (max(1, math.floor(m * epochs / reference_epochs + 0.5)) for m in reference)
     return tuple(m for m in scaled if m < epochs)

@@ -19,6 +19,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,13 +29,16 @@ from pathlib import Path
 from typing import Protocol
 
 from baselines.config import ConfigError
-from baselines.infra import UserError, get_logger
+from baselines.infra import Interrupted, StopRequest, UserError, get_logger
 
 LOG = get_logger("launch")
 LAUNCHERS = ("local", "slurm")
 JOBS_DIR = "jobs"  # under the batch's runs folder: per-job logs and submitit's files
 SLURM_DEFAULTS = dict(gpus_per_job=1, cpus_per_job=10, time=240, array_parallelism=64)
 LOCAL_POLL_S = 0.5
+# How a job process ends when a signal stopped it: 130 after saving its state (replication.cli.main), or killed by
+# the signal itself when it came before Python's handlers were installed.
+STOPPED_EXITS = (130, -signal.SIGINT, -signal.SIGTERM)
 SLURM_POLL_S = 30.0
 
 
@@ -190,33 +194,57 @@ class LocalProcesses:
             LOG.info("%s: %d jobs at once with %d thread(s) each share %d cores (--threads splits them, for slightly "
                      "different numbers)", stage, min(self.jobs, len(keys)), batch.threads, usable_cores())
         queue, free, running, failures = list(keys), list(range(self.jobs)), {}, []
+        stopped_by = ""  # why no more jobs start: the coordinator was signalled, or a job was stopped
         try:
-            while queue or running:
-                while queue and free:
-                    key, slot = queue.pop(0), free.pop(0)
-                    running[key] = (self._start(key, batch, {**env, **slots[slot]}, self.gpus_per_job or 0), slot,
-                                    time.monotonic())
-                finished = [key for key, (process, _, _) in running.items() if process.poll() is not None]
-                for key in finished:
-                    process, slot, started = running.pop(key)
-                    free.append(slot)
-                    log = batch.log_path(key)
-                    if process.returncode == 0:
-                        LOG.info("%s: done in %.0f s", key, time.monotonic() - started)
-                        on_done(key, None)
-                    else:
-                        failures.append(Failure(key, log, last_line(log) or f"exit code {process.returncode}"))
-                        LOG.error("%s: failed (exit code %d): %s; log %s", key, process.returncode,
-                                  failures[-1].reason, log)
-                if not finished:
-                    time.sleep(self.poll_s)
+            with StopRequest() as stop:
+                while running or (queue and not stopped_by):
+                    if stop.requested and not stopped_by:
+                        stopped_by = f"signal {stop.signal}"
+                        self._stop(running, stop.signal)
+                    while queue and free and not stopped_by:
+                        key, slot = queue.pop(0), free.pop(0)
+                        running[key] = (self._start(key, batch, {**env, **slots[slot]}, self.gpus_per_job or 0),
+                                        slot, time.monotonic())
+                    finished = [key for key, (process, _, _) in running.items() if process.poll() is not None]
+                    for key in finished:
+                        process, slot, started = running.pop(key)
+                        free.append(slot)
+                        log = batch.log_path(key)
+                        if process.returncode == 0:
+                            LOG.info("%s: done in %.0f s", key, time.monotonic() - started)
+                            on_done(key, None)
+                        elif process.returncode in STOPPED_EXITS:
+                            LOG.warning("%s: stopped (exit code %d); log %s", key, process.returncode, log)
+                            if not stopped_by:  # someone stopped a job: the batch stops, it does not go on
+                                stopped_by = f"{key} was stopped"
+                                self._stop(running, signal.SIGINT)
+                        else:
+                            failures.append(Failure(key, log, last_line(log) or f"exit code {process.returncode}"))
+                            LOG.error("%s: failed (exit code %d): %s; log %s", key, process.returncode,
+                                      failures[-1].reason, log)
+                    if not finished:
+                        time.sleep(self.poll_s)
         finally:
-            for process, _, _ in running.values():  # interrupted: stop what still runs (it saves and resumes)
+            for process, _, _ in running.values():  # an error or a second signal: stop what still runs
                 with contextlib.suppress(OSError):
                     process.terminate()
             for process, _, _ in running.values():
                 process.wait()
+        if stopped_by:
+            raise Interrupted(f"{stage}: stopped ({stopped_by}); {len(queue)} job(s) not started, the running ones "
+                              "saved their state; finished jobs are stored, and running the same command again "
+                              "resumes the rest")
         return failures
+
+    @staticmethod
+    def _stop(running: dict, signum: int) -> None:
+        """Pass one stop signal to every running job: each saves its state and exits 130. The jobs are in their
+        own sessions, so a terminal's Ctrl-C reaches only this process and no job gets it twice (a second signal
+        means "do not wait" to a job)."""
+        for key, (process, _, _) in running.items():
+            LOG.info("%s: stopping (signal %d)", key, signum)
+            with contextlib.suppress(OSError):
+                process.send_signal(signum)
 
     @staticmethod
     def _start(key: str, batch: BatchJobs, env: dict[str, str], gpus: int) -> subprocess.Popen:
@@ -229,7 +257,7 @@ class LocalProcesses:
             out.flush()
             LOG.info("%s: started; log %s", key, log)
             return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 class RunCommand:

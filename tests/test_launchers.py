@@ -5,11 +5,15 @@ Each job is a fresh `densecl-bench replicate job` process, so these tests run re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +167,78 @@ def test_failed_jobs_are_reported_with_their_log_and_only_they_run_again(launche
     assert sorted(line.split(": ")[0].split()[-1] for line in launched) == [
         "mocov2-seed0/voc07_lowshot", "mocov2-seed0/voc07_svm"]
     assert bench_log.text.count("already stored") == 2 and outcome["report"].is_file()
+
+
+# A coordinator in its own process, as a user starts one: the batch with one job at a time (so one is running
+# when the signal comes and the others wait), 130 and the message on a stop, as replication.cli.main does.
+COORDINATOR = """
+import json, sys
+from baselines.infra import Interrupted, setup_logging
+from replication.launchers import LocalProcesses
+from replication.pipelines import ReplicateVOCConfig, replicate_voc
+setup_logging(0)
+try:
+    replicate_voc(ReplicateVOCConfig(**json.loads(sys.argv[1])), LocalProcesses(1))
+except Interrupted as err:
+    print(f"densecl-bench: {err}", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat_file.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job process in /proc")
+@pytest.mark.parametrize("target", ["coordinator-sigterm", "job-sigint"])
+def test_a_stopped_batch_starts_no_more_jobs_and_resumes(target, svm_voc, checkpoints, tmp_path, bench_log):
+    """SIGTERM to the coordinator (scancel, kill, a closing terminal) stops its running job and starts no other;
+    a job stopped on its own (exit 130) stops the batch instead of counting as a failure and starting the next."""
+    cfg = dict(voc_root=str(svm_voc), checkpoints={k: str(v) for k, v in checkpoints.items()}, arch="resnet18",
+               runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), **{**SVM, "costs": list(SVM["costs"]),
+                                                                                 "ks": list(SVM["ks"])})
+    err_path = tmp_path / "coordinator.err"
+    with open(err_path, "wb") as err:
+        coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, json.dumps(cfg)], stderr=err,
+                                       stdin=subprocess.DEVNULL, cwd=os.getcwd())
+    deadline = time.monotonic() + 300
+    while not children(coordinator.pid) and coordinator.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (job,) = children(coordinator.pid)
+    time.sleep(2)  # the job is importing or computing: either way it must stop and say so
+    if target == "coordinator-sigterm":
+        coordinator.send_signal(signal.SIGTERM)
+    else:
+        os.kill(job, signal.SIGINT)
+    coordinator.wait(timeout=120)
+    lines = err_path.read_text().splitlines()
+    assert coordinator.returncode == 130 and lines[-1].startswith("densecl-bench: protocol-1: stopped ("), lines[-3:]
+    assert "running the same command again resumes the rest" in lines[-1]
+    assert not alive(job), "the job outlived its coordinator"
+    assert sum(": started" in line for line in lines) == 1, "a job started after the stop"
+    assert not any("failed" in line for line in lines) and stored(tmp_path / "results") == {}
+
+    if target == "job-sigint":  # the same batch, run again, runs all four jobs
+        bench_log.clear()
+        replicate_voc(ReplicateVOCConfig(**{**cfg, "costs": SVM["costs"], "ks": SVM["ks"]}), LocalProcesses(2))
+        assert len(stored(tmp_path / "results")) == 4
 
 
 # ---------------------------------------------------------------------------------------------- Slurm arrays

@@ -156,6 +156,49 @@ def test_gram_is_symmetric_and_products_through_the_features_agree():
                           atol=1e-10)
 
 
+@pytest.mark.parametrize("through_features", [True, False], ids=["through-x", "through-gram"])
+def test_row_restricted_products_agree_on_their_rows_and_are_completed_off_them(through_features):
+    """The full protocol's fold groups: on its rows a group's product is the whole one, for slices wider and
+    narrower than RESTRICTED_MIN_WIDTH, and `off_rows` fills in the rest exactly."""
+    rng = np.random.default_rng(9)
+    n = 300
+    x = torch.from_numpy(rng.normal(size=(n, 40 if through_features else 200)))
+    k = svm_solver._gram(x)
+    row_sets = [torch.from_numpy(np.flatnonzero(rng.random(n) < share)) for share in (0.6, 0.7)] + [None]
+    restricted = svm_solver._Gram(k[None], x, row_sets=row_sets)
+    whole = svm_solver._Gram(k[None], x)
+    assert (restricted.features is not None) == through_features
+    widths = (svm_solver.RESTRICTED_MIN_WIDTH + 3, svm_solver.RESTRICTED_MIN_WIDTH - 1, 2)
+    group = torch.cat([torch.full((w,), g) for g, w in enumerate(widths)])
+    v = torch.from_numpy(rng.normal(size=(len(group), n)))
+    for g, rows in enumerate(row_sets[:2]):  # a group's vectors live on its rows
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[rows] = True
+        v[group == g] *= mask
+    got, want = restricted.matvec(v, group), whole.matvec(v, group)
+    for g, rows in enumerate(row_sets):
+        sel = group == g
+        on = slice(None) if rows is None else rows
+        assert torch.allclose(got[sel][:, on], want[sel][:, on], rtol=1e-12, atol=1e-10)
+    beta = v[:, None, :].repeat(1, 2, 1)  # (F, J, n)
+    out = got[:, None, :].repeat(1, 2, 1)
+    restricted.off_rows(beta, out, group)
+    assert torch.allclose(out, want[:, None, :].expand_as(out), rtol=1e-12, atol=1e-10)
+    assert torch.equal(restricted.diag, k.diagonal()[None].expand(3, n))
+
+
+def test_full_protocol_with_every_fold_product_restricted_matches_liblinear(data, monkeypatch):
+    """The small problems above mostly take the whole-matrix path (few families per fold): here every
+    fold slice goes through its own rows, the VOC07-size path."""
+    monkeypatch.setattr(svm_solver, "RESTRICTED_MIN_WIDTH", 1)
+    cfg = SVMConfig(costs=COSTS, workers=1, **TIGHT)
+    ref = voc_svm.train_and_test_svm(*data, cfg, progress=False)
+    ours = train_and_test_svm_batched(*data, cfg, progress=False)
+    assert ours["chosen_cost_index"] == ref["chosen_cost_index"]
+    assert np.abs(np.array(ours["cv_ap"]) - np.array(ref["cv_ap"])).max() < 1e-6
+    assert abs(ours["mAP"] - ref["mAP"]) < 1e-6 and ours["convergence_warnings"] == 0
+
+
 def test_gradient_bound_is_an_upper_bound():
     rng = np.random.default_rng(7)
     _, gram, fam = _families(rng, 200, 30, 6)

@@ -246,7 +246,11 @@ class _Gram:
     def _restrict(self, rows: torch.Tensor) -> torch.Tensor:
         if self.features is not None:
             return self.features.index_select(0, rows)
-        return self.blocks[0].index_select(0, rows).index_select(1, rows)
+        return self._submatrix(rows, rows)
+
+    def _submatrix(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """K~[rows, cols] of the shared matrix, contiguous."""
+        return self.blocks[0].index_select(0, rows).index_select(1, cols)
 
     def _apply(self, v: torch.Tensor, operand: torch.Tensor | None = None) -> torch.Tensor:
         """v times K~ through the whole operand (None) or a group's restricted one."""
@@ -290,17 +294,14 @@ class _Gram:
         products left it unspecified. beta is zero off the rows, so K~[rest, rows] is all it needs."""
         if self.row_sets is None:
             return
-        everything = torch.ones(self.n, dtype=torch.bool, device=beta.device)
         for g, start, stop in _group_bounds(group):
             rows = self.row_sets[g]
             if rows is None:
                 continue
-            keep = everything.clone()
-            keep[rows] = False
-            rest = torch.nonzero(keep).flatten()
-            cross = self.blocks[0].index_select(0, rows).index_select(1, rest)  # (|rows|, |rest|)
-            b = beta[start:stop].index_select(-1, rows)
-            out[start:stop, :, rest] = b @ cross
+            off = torch.ones(self.n, dtype=torch.bool, device=beta.device)
+            off[rows] = False
+            rest = torch.nonzero(off).flatten()
+            out[start:stop, :, rest] = beta[start:stop].index_select(-1, rows) @ self._submatrix(rows, rest)
 
 
 def _group_bounds(group: torch.Tensor) -> list[tuple[int, int, int]]:

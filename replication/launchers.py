@@ -36,10 +36,10 @@ LAUNCHERS = ("local", "slurm")
 JOBS_DIR = "jobs"  # under the batch's runs folder: per-job logs and submitit's files
 SLURM_DEFAULTS = dict(gpus_per_job=1, cpus_per_job=10, time=240, array_parallelism=64)
 LOCAL_POLL_S = 0.5
+SLURM_POLL_S = 30.0
 # How a job process ends when a signal stopped it: 130 after saving its state (replication.cli.main), or killed by
 # the signal itself when it came before Python's handlers were installed.
 STOPPED_EXITS = (130, -signal.SIGINT, -signal.SIGTERM)
-SLURM_POLL_S = 30.0
 
 
 OnDone = Callable[[str, "str | None"], None]  # (job key, its run id when the launcher knows it)
